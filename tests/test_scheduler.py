@@ -1,0 +1,265 @@
+"""DiscreteFlowScheduler and ConfidenceUnmaskingScheduler: exactness in the limit, contract, bad input."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from dfm_hf import paths
+from dfm_hf.schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
+
+D = 3  # data tokens 0..2
+MASK = 3
+V = 4
+N = 3
+
+
+def _target() -> dict[tuple[int, ...], float]:
+    """A correlated distribution over [D]^N: equal neighbours are favoured, one sequence is impossible."""
+    g = torch.Generator().manual_seed(0)
+    weights = {}
+    for x in itertools.product(range(D), repeat=N):
+        w = 0.2 + torch.rand((), generator=g).item()
+        w *= 4.0 if x[0] == x[1] else 1.0
+        w *= 3.0 if x[1] != x[2] else 1.0
+        weights[x] = 0.0 if x == (2, 2, 2) else w
+    total = sum(weights.values())
+    return {x: w / total for x, w in weights.items()}
+
+
+TARGET = _target()
+SEQS = torch.tensor(list(TARGET.keys()))  # (27, N)
+PROBS = torch.tensor(list(TARGET.values()), dtype=torch.float64)
+
+
+def exact_posterior_logits(z: torch.Tensor, t: float, source: str, schedule: paths.KappaSchedule) -> torch.Tensor:
+    """log p_{1|t}(x^i | z) by enumeration of [D]^N, for a batch of states z (B, N)."""
+    k = float(schedule.kappa(t))
+    match = (SEQS.unsqueeze(0) == z.unsqueeze(1)).to(torch.float64)  # (B, S, N)
+    if source == "mask":
+        visible = (z != MASK).unsqueeze(1)
+        lik = torch.where(visible, match, torch.ones_like(match)).prod(-1)  # consistent with visible tokens
+    else:
+        lik = (k * match + (1.0 - k) / D).prod(-1)
+    post = lik * PROBS.unsqueeze(0)  # (B, S)
+    post = post / post.sum(-1, keepdim=True)
+    onehot = torch.nn.functional.one_hot(SEQS, V).to(torch.float64)  # (S, N, V)
+    p1 = torch.einsum("bs,snv->bnv", post, onehot)
+    return torch.log(p1.clamp_min(1e-30)).float()
+
+
+def run_sampler(scheduler, steps: int, batch: int, seed: int = 0) -> torch.Tensor:
+    c = scheduler.config
+    g = torch.Generator().manual_seed(seed)
+    if c.source_distribution == "mask":
+        x = torch.full((batch, N), MASK)
+    else:
+        x = paths.sample_uniform_tokens((batch, N), V, MASK, g)
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        logits = exact_posterior_logits(x, float(t), c.source_distribution, scheduler.schedule)
+        x = scheduler.step(logits, t, x, generator=g).prev_sample
+    return x
+
+
+def tv_to_target(x: torch.Tensor) -> float:
+    assert not (x == MASK).any()
+    codes = (x * torch.tensor([D * D, D, 1])).sum(-1)
+    emp = torch.bincount(codes, minlength=D**N).double() / x.shape[0]
+    ref_codes = (SEQS * torch.tensor([D * D, D, 1])).sum(-1)
+    ref = torch.zeros(D**N, dtype=torch.float64)
+    ref[ref_codes] = PROBS
+    return 0.5 * (emp - ref).abs().sum().item()
+
+
+CASES = [
+    dict(source_distribution="mask", kappa_schedule="polynomial", kappa_exponent=1.0),
+    dict(source_distribution="mask", kappa_schedule="polynomial", kappa_exponent=3.0),
+    dict(source_distribution="mask", kappa_schedule="cosine"),
+    dict(source_distribution="mask", kappa_schedule="polynomial", kappa_exponent=2.0, corrector_alpha=5.0),
+    dict(source_distribution="uniform", kappa_schedule="polynomial", kappa_exponent=1.0),
+    dict(source_distribution="uniform", kappa_schedule="cosine"),
+    dict(source_distribution="uniform", kappa_schedule="polynomial", kappa_exponent=2.0, corrector_alpha=3.0),
+]
+
+
+@pytest.mark.parametrize("cfg", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_converges_to_target_with_exact_posterior(cfg):
+    sched = DiscreteFlowScheduler(mask_token_id=MASK, vocab_size=V, **cfg)
+    batch = 20000
+    tv_many = tv_to_target(run_sampler(sched, 200, batch))
+    tv_one = tv_to_target(run_sampler(sched, 1, batch))
+    # sampling noise alone gives TV ~ 0.01 at this batch size; one step ignores the correlations
+    assert tv_many < 0.03, tv_many
+    assert tv_one > tv_many + 0.03, (tv_one, tv_many)
+
+
+def test_few_steps_worse_than_many_monotone_trend():
+    sched = DiscreteFlowScheduler(mask_token_id=MASK, vocab_size=V, source_distribution="uniform")
+    tvs = [tv_to_target(run_sampler(sched, s, 20000, seed=1)) for s in (1, 4, 128)]
+    assert tvs[0] > tvs[1] > tvs[2]
+
+
+def test_mask_token_never_drawn_and_last_step_resolves_everything():
+    sched = DiscreteFlowScheduler(mask_token_id=MASK, vocab_size=V)
+    sched.set_timesteps(5)
+    x = torch.full((64, 10), MASK)
+    g = torch.Generator().manual_seed(0)
+    for t in sched.timesteps:
+        logits = torch.zeros(64, 10, V)
+        logits[..., MASK] = 50.0  # an untrained model that loves the mask token
+        x = sched.step(logits, t, x, generator=g).prev_sample
+    assert not (x == MASK).any()
+
+
+def test_conditioning_positions_never_change_with_corrector():
+    for source in ("mask", "uniform"):
+        sched = DiscreteFlowScheduler(
+            source_distribution=source, mask_token_id=MASK, vocab_size=V, corrector_alpha=10.0
+        )
+        sched.set_timesteps(20)
+        g = torch.Generator().manual_seed(0)
+        x = torch.full((16, 8), MASK) if source == "mask" else torch.randint(0, D, (16, 8), generator=g)
+        cond = torch.zeros(16, 8, dtype=torch.bool)
+        cond[:, :3] = True
+        x[:, :3] = 1
+        for t in sched.timesteps:
+            x = sched.step(torch.randn(16, 8, V, generator=g), t, x, generator=g, condition_mask=cond).prev_sample
+            assert (x[:, :3] == 1).all()
+        assert not (x == MASK).any()
+
+
+def test_plan_then_packed_logits_equals_full_logits():
+    sched = DiscreteFlowScheduler(mask_token_id=MASK, vocab_size=V, kappa_exponent=2.0)
+    sched.set_timesteps(8)
+    logits_g = torch.Generator().manual_seed(3)
+    x_full = x_packed = torch.full((4, 12), MASK)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for t in sched.timesteps:
+        logits = torch.randn(4, 12, V, generator=logits_g)
+        x_full = sched.step(logits, t, x_full, generator=g1).prev_sample
+        needs = sched.plan_step(x_packed, t, generator=g2)
+        x_packed = sched.step(logits[needs], t, x_packed, generator=g2).prev_sample
+    assert torch.equal(x_full, x_packed)
+
+
+def test_per_row_generators_make_rows_independent_of_batch():
+    sched = DiscreteFlowScheduler(mask_token_id=MASK, vocab_size=V, corrector_alpha=2.0)
+    sched.set_timesteps(10)
+
+    def run(rows):
+        gens = [torch.Generator().manual_seed(s) for s in rows]
+        x = torch.full((len(rows), 6), MASK)
+        for t in sched.timesteps:
+            logits = torch.stack([torch.randn(6, V, generator=torch.Generator().manual_seed(s)) for s in rows])
+            x = sched.step(logits, t, x, generator=gens).prev_sample
+        return x
+
+    alone = run([7])
+    mixed = run([3, 7, 11])
+    assert torch.equal(alone[0], mixed[1])
+
+
+def test_temperature_zero_is_greedy_and_top_k_one_too():
+    for kwargs in (dict(temperature=0.0), dict(top_k=1), dict(top_p=1e-6)):
+        sched = DiscreteFlowScheduler(mask_token_id=MASK, vocab_size=V, **kwargs)
+        sched.set_timesteps(1)
+        logits = torch.tensor([[[0.0, 2.0, 1.0, 9.0]]]).expand(8, 5, V)
+        x = sched.step(logits, sched.timesteps[0], torch.full((8, 5), MASK)).prev_sample
+        assert (x == 1).all()
+
+
+def test_save_load_from_config_and_compatibles(tmp_path):
+    sched = DiscreteFlowScheduler(mask_token_id=MASK, vocab_size=V, kappa_schedule="cosine", corrector_alpha=1.5)
+    sched.save_pretrained(tmp_path)
+    loaded = DiscreteFlowScheduler.from_pretrained(tmp_path)
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(sched.config)
+    cubic = DiscreteFlowScheduler.from_config(loaded.config, kappa_schedule="polynomial", kappa_exponent=3.0)
+    assert cubic.config.kappa_exponent == 3.0 and cubic.config.mask_token_id == MASK
+    assert ConfidenceUnmaskingScheduler in sched.compatibles
+    conf = ConfidenceUnmaskingScheduler.from_config(sched.config)
+    assert conf.config.mask_token_id == MASK
+    assert DiscreteFlowScheduler in conf.compatibles
+
+
+def test_add_noise_matches_kappa():
+    sched = DiscreteFlowScheduler(mask_token_id=MASK, vocab_size=V, kappa_exponent=2.0)
+    x1 = torch.zeros(200, 100, dtype=torch.long)
+    x0 = torch.full_like(x1, MASK)
+    xt = sched.add_noise(x1, x0, torch.full((200,), 0.5), generator=torch.Generator().manual_seed(0))
+    assert abs((xt == 0).double().mean().item() - 0.25) < 0.01
+    uni = paths.sample_uniform_tokens((10000,), V, MASK, torch.Generator().manual_seed(0))
+    assert not (uni == MASK).any() and set(uni.unique().tolist()) == {0, 1, 2}
+
+
+def test_kappa_derivatives_match_finite_differences():
+    t = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
+    for sch in (paths.PolynomialKappa(1.0), paths.PolynomialKappa(2.5), paths.CosineKappa()):
+        fd = (sch.kappa(t + 1e-6) - sch.kappa(t - 1e-6)) / 2e-6
+        assert torch.allclose(sch.d_kappa(t), fd, atol=1e-6)
+        assert float(sch.kappa(0.0)) == 0.0 and math.isclose(float(sch.kappa(1.0)), 1.0)
+
+
+def test_confidence_scheduler_unmasks_most_confident_first():
+    sched = ConfidenceUnmaskingScheduler(mask_token_id=MASK, vocab_size=V)
+    sched.set_timesteps(3)
+    x = torch.full((1, 6), MASK)
+    logits = torch.zeros(1, 6, V)
+    for j, strength in enumerate([1.0, 6.0, 2.0, 5.0, 3.0, 4.0]):
+        logits[0, j, j % D] = strength
+    x = sched.step(logits, sched.timesteps[0], x).prev_sample
+    assert (x[0] != MASK).tolist() == [False, True, False, True, False, False]
+    for t in sched.timesteps[1:]:
+        x = sched.step(logits, t, x).prev_sample
+    assert not (x == MASK).any()
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(kappa_schedule="linearish", mask_token_id=1), "kappa_schedule"),
+        (dict(source_distribution="gauss", mask_token_id=1), "source_distribution"),
+        (dict(prediction_type="v", mask_token_id=1), "prediction_type"),
+        (dict(kappa_exponent=0.0, mask_token_id=1), "kappa_exponent"),
+        (dict(kappa_exponent=-2, mask_token_id=1), "kappa_exponent"),
+        (dict(), "mask_token_id"),
+        (dict(mask_token_id=10, vocab_size=10), "mask_token_id"),
+        (dict(source_distribution="uniform"), "vocab_size"),
+        (dict(mask_token_id=1, temperature=-1.0), "temperature"),
+        (dict(mask_token_id=1, top_p=0.0), "top_p"),
+        (dict(mask_token_id=1, top_k=0), "top_k"),
+        (dict(mask_token_id=1, corrector_alpha=float("nan")), "corrector_alpha"),
+        (dict(mask_token_id=1, sampling_dtype="float16"), "sampling_dtype"),
+    ],
+)
+def test_bad_config_raises_naming_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        DiscreteFlowScheduler(**kwargs)
+
+
+def test_bad_step_inputs():
+    sched = DiscreteFlowScheduler(mask_token_id=MASK, vocab_size=V)
+    x = torch.full((2, 5), MASK)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        sched.step(torch.zeros(2, 5, V), 0.0, x)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        sched.set_timesteps(0)
+    sched.set_timesteps(4)
+    with pytest.raises(ValueError, match="model_output"):
+        sched.step(torch.zeros(2, 6, V), sched.timesteps[0], x)
+    with pytest.raises(ValueError, match="vocab_size"):
+        sched.step(torch.zeros(2, 5, V + 1), sched.timesteps[0], x)
+    bad = torch.zeros(2, 5, V)
+    bad[0, 0, 0] = float("nan")
+    sched.set_timesteps(1)
+    with pytest.raises(ValueError, match="model_output"):
+        sched.step(bad, sched.timesteps[0], x)
+    with pytest.raises(ValueError, match="timestep"):
+        sched.step(torch.zeros(2, 5, V), 0.37, x)
+    eps = DiscreteFlowScheduler(mask_token_id=MASK, vocab_size=V, prediction_type="epsilon")
+    with pytest.raises(ValueError, match="prediction_type"):
+        eps.set_timesteps(4)
