@@ -1,0 +1,85 @@
+"""Named scheduler presets that travel with a pipeline under ``scheduler_presets/<name>/scheduler_config.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ..schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
+
+PRESETS_DIR = "scheduler_presets"
+_PRESET_CLASSES = {c.__name__: c for c in (DiscreteFlowScheduler, ConfidenceUnmaskingScheduler)}
+
+#: name -> (class, config overrides, what it is good for)
+PRESET_SPECS: dict[str, tuple[type, dict[str, Any], str]] = {
+    "linear-euler": (
+        DiscreteFlowScheduler,
+        dict(kappa_schedule="polynomial", kappa_exponent=1.0, corrector_alpha=0.0),
+        "DFM Euler, linear kappa: exact in the limit, tokens revealed at an even rate; the reference sampler.",
+    ),
+    "cubic-euler": (
+        DiscreteFlowScheduler,
+        dict(kappa_schedule="polynomial", kappa_exponent=3.0, corrector_alpha=0.0),
+        "DFM Euler, cubic kappa: few tokens early, most late; fewer model calls at large step counts.",
+    ),
+    "cubic-corrector": (
+        DiscreteFlowScheduler,
+        dict(kappa_schedule="polynomial", kappa_exponent=3.0, corrector_alpha=10.0, corrector_a=2.0, corrector_b=0.25),
+        "DFM corrector sampling (re-masks and re-draws tokens; same marginals): better samples at high step counts.",
+    ),
+    "confidence": (
+        ConfidenceUnmaskingScheduler,
+        dict(remasking="low_confidence", temperature=0.0),
+        "MaskGIT/LLaDA low-confidence unmasking, greedy: the baseline the paper compares against.",
+    ),
+}
+
+
+def default_scheduler_presets(scheduler: Any) -> dict[str, Any]:
+    """The shipped presets, with the mask id and vocabulary of ``scheduler`` (empty for a uniform source)."""
+    cfg = getattr(scheduler, "config", None)
+    if cfg is None or cfg.get("mask_token_id") is None or cfg.get("source_distribution", "mask") != "mask":
+        return {}
+    base = {"mask_token_id": cfg["mask_token_id"], "vocab_size": cfg.get("vocab_size")}
+    return {name: cls(**base, **overrides) for name, (cls, overrides, _) in PRESET_SPECS.items()}
+
+
+def load_presets_from_folder(folder: str) -> dict[str, Any]:
+    """Read every ``scheduler_presets/<name>/scheduler_config.json`` of a pipeline folder.
+
+    Only dfm_hf scheduler classes are instantiated; any other ``_class_name`` is refused (a config never names code
+    to run).
+    """
+    root = os.path.join(folder, PRESETS_DIR)
+    presets: dict[str, Any] = {}
+    if not os.path.isdir(root):
+        return presets
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name, "scheduler_config.json")
+        if not os.path.isfile(path):
+            continue
+        presets[name] = scheduler_from_config_file(path)
+    return presets
+
+
+def scheduler_from_config_file(path: str) -> Any:
+    """Instantiate the dfm_hf scheduler a ``scheduler_config.json`` names (``ValueError`` for anything else)."""
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object.")
+    cls = _PRESET_CLASSES.get(config.get("_class_name"))
+    if cls is None:
+        raise ValueError(
+            f"{path}: `_class_name` must be one of {sorted(_PRESET_CLASSES)}, got {config.get('_class_name')!r}."
+        )
+    return cls.from_config(config)
+
+
+def save_presets(presets: dict[str, Any], folder: str) -> None:
+    """Write each preset's ``scheduler_config.json`` under ``folder/scheduler_presets/<name>/``."""
+    for name, scheduler in presets.items():
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise ValueError(f"preset `name` must be a plain folder name, got {name!r}.")
+        scheduler.save_pretrained(os.path.join(folder, PRESETS_DIR, name))
