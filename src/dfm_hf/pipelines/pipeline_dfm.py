@@ -139,6 +139,7 @@ class DFMPipeline(DiffusionPipeline):
         fused ones are saved merged into the base weights.
         """
         push_to_hub = kwargs.pop("push_to_hub", False)
+        repo_id = kwargs.pop("repo_id", None)
         os.makedirs(save_directory, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=save_directory)
         try:
@@ -151,7 +152,16 @@ class DFMPipeline(DiffusionPipeline):
         if push_to_hub:
             from ..hub import push_pipeline_folder
 
-            push_pipeline_folder(self, str(save_directory), **kwargs)
+            push_pipeline_folder(
+                self, str(save_directory), repo_id=repo_id or os.path.basename(save_directory), **kwargs
+            )
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Save into a temp folder and upload it to ``repo_id`` with our model card (``revision=`` pushes to a
+        branch, created if needed; ``commit_message``, ``private``, ``token`` are passed on)."""
+        from ..hub import push_pipeline_to_hub
+
+        return push_pipeline_to_hub(self, repo_id, **kwargs)
 
     # ------------------------------------------------------------------ presets and LoRA
     def load_scheduler_preset(self, name: str) -> Any:

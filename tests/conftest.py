@@ -1,0 +1,74 @@
+"""Shared pytest configuration for the dfm_hf tests.
+
+No test may reach huggingface.co: all Hub traffic goes to a `LoopbackHub` (see tests/hub_server.py) started when this
+file is imported. `huggingface_hub` reads HF_ENDPOINT, HF_HOME, offline mode... once, when it is first imported, and
+pytest imports this conftest before any test module, so the environment below is in place before that happens.
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+
+import pytest
+
+try:  # tests/ is a package
+    from .hub_server import LoopbackHub
+except ImportError:  # pytest's default "prepend" import mode puts tests/ itself on sys.path
+    from hub_server import LoopbackHub
+
+HF_TOKEN = "hf_dummy_token_for_loopback"
+
+if "huggingface_hub" in sys.modules:
+    raise RuntimeError(
+        "huggingface_hub was imported before tests/conftest.py (by a plugin or a root conftest?): it has already "
+        "read its endpoint and cache settings, so the tests would not use the loopback Hub."
+    )
+
+# One Hub for the whole session. It must be listening now: its port goes into HF_ENDPOINT. Writes need HF_TOKEN.
+_HUB = LoopbackHub(token=HF_TOKEN).start()
+_HF_HOME = tempfile.mkdtemp(prefix="dfm-hf-home-")  # empty cache, token file... for the session
+
+# Settings from the developer's shell that would bypass the loopback Hub, the temporary cache or the token.
+for _name in (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HUGGINGFACE_CO_STAGING",
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_ASSETS_CACHE",
+    "HF_XET_CACHE",
+    "HF_TOKEN_PATH",
+    "HF_OIDC_RESOURCE",
+    "HF_HUB_DISABLE_IMPLICIT_TOKEN",
+):
+    os.environ.pop(_name, None)
+os.environ.update(
+    HF_ENDPOINT=_HUB.endpoint,
+    HF_TOKEN=HF_TOKEN,
+    HF_HOME=_HF_HOME,
+    HF_HUB_DISABLE_XET="1",  # the loopback Hub speaks plain HTTP + LFS, not Xet
+    HF_HUB_DISABLE_TELEMETRY="1",
+    HF_HUB_DISABLE_PROGRESS_BARS="1",
+)
+# Never send loopback traffic through a proxy ("localhost" is the stand-in for the Hub's CDN).
+for _name in ("NO_PROXY", "no_proxy"):
+    os.environ[_name] = ",".join(filter(None, [os.environ.get(_name), "127.0.0.1", "localhost"]))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _HUB.stop()
+    shutil.rmtree(_HF_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def hub_server() -> LoopbackHub:
+    """The loopback Hub that HF_ENDPOINT points to, shared by the whole session."""
+    return _HUB
+
+
+@pytest.fixture
+def hub_repo_id(hub_server: LoopbackHub) -> str:
+    """A repo id that no other test uses (the repo itself is not created)."""
+    return f"dfm-test/{uuid.uuid4().hex[:16]}"
