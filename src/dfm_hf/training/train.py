@@ -1,0 +1,464 @@
+"""Train a DFM model with accelerate: ``python examples/train_dfm.py ...`` or ``dfm-hf train ...``.
+
+Read it top to bottom: arguments -> checks (before anything is written) -> data -> tokenizer -> model, scheduler and
+collator -> resume -> loop (accumulate, clip, step, log, evaluate, checkpoint) -> save a full DFMPipeline + card.
+
+Batches are a pure function of (seed, step, micro-step, rank): process ``r`` of ``W`` at micro-step ``m`` of
+optimizer step ``s`` reads rows ``((s * A + m) * W + r) * B ...`` of the epoch's permutation, and its corruption
+(t, couplings, x_t) is drawn from a generator seeded by the same global index. So two processes with accumulation A
+see exactly the global batch one process sees with accumulation 2A, and a resumed run continues with the very
+batches the uninterrupted run would have used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any, Optional
+
+import torch
+
+LOSSES = ("ce", "generalized_kl")
+COUPLINGS = ("unconditional", "prefix", "infill")
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The training flags (diffusers example-script style)."""
+    p = argparse.ArgumentParser(description="Train a Discrete Flow Matching model.")
+    d = p.add_argument_group("data")
+    d.add_argument("--train_file", nargs="+", default=None, help="text/json/jsonl/parquet files or directories")
+    d.add_argument("--stdlib", action="store_true", help="train on this interpreter's standard library sources")
+    d.add_argument("--validation_file", nargs="+", default=None)
+    d.add_argument("--validation_fraction", type=float, default=0.05, help="held-out share of files (--stdlib)")
+    d.add_argument("--text_column", default="text")
+    d.add_argument("--seq_len", type=int, default=256)
+    d.add_argument("--streaming", action="store_true", help="stream and pack large inputs lazily")
+    t = p.add_argument_group("tokenizer and model")
+    t.add_argument("--tokenizer_name_or_path", default=None, help="a tokenizer folder; default: train a BPE")
+    t.add_argument("--tokenizer_vocab_size", type=int, default=8192)
+    t.add_argument("--model_config", default="tiny", help="DFMConfig json path or preset name (tiny/small/base)")
+    t.add_argument("--model_config_overrides", default=None, help="json, e.g. '{\"num_hidden_layers\": 4}'")
+    t.add_argument("--scheduler_config", default=None, help="scheduler_config.json (kappa schedule, source)")
+    t.add_argument("--prediction_type", choices=("sample", "epsilon"), default=None)
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--output_dir", required=True)
+    o.add_argument("--max_train_steps", type=int, default=1000)
+    o.add_argument("--max_train_minutes", type=float, default=None, help="stop (and save) after this wall time")
+    o.add_argument("--train_batch_size", type=int, default=16, help="per process, per micro-step")
+    o.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    o.add_argument("--learning_rate", type=float, default=1e-3)
+    o.add_argument("--weight_decay", type=float, default=0.01)
+    o.add_argument("--lr_scheduler", default="cosine", choices=LR_SCHEDULERS)
+    o.add_argument("--warmup_steps", type=int, default=100)
+    o.add_argument("--max_grad_norm", type=float, default=1.0)
+    o.add_argument("--mixed_precision", default="no", choices=MIXED_PRECISION)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--loss", default="ce", choices=LOSSES)
+    o.add_argument(
+        "--coupling", default="unconditional", help="unconditional|prefix|infill or a mix: prefix:0.5,infill:0.5"
+    )
+    o.add_argument("--time_sampling", default="stratified", choices=("uniform", "stratified"))
+    c = p.add_argument_group("checkpoints, evaluation, logging")
+    c.add_argument("--checkpointing_steps", type=int, default=500)
+    c.add_argument("--checkpoints_total_limit", type=int, default=2)
+    c.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
+    c.add_argument("--eval_steps", type=int, default=250)
+    c.add_argument("--eval_batches", type=int, default=8)
+    c.add_argument("--num_samples", type=int, default=2, help="samples written to the log at each evaluation")
+    c.add_argument("--logging_steps", type=int, default=10)
+    c.add_argument("--num_workers", type=int, default=1, help="processes for tokenization")
+    c.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def parse_coupling(value: str) -> Any:
+    """``"prefix"`` or ``"prefix:0.5,infill:0.5"`` -> a coupling name or a {name: weight} mix."""
+    if value in COUPLINGS:
+        return value
+    mix: dict[str, float] = {}
+    for part in value.split(","):
+        name, _, weight = part.partition(":")
+        if name not in COUPLINGS:
+            raise ValueError(f"`--coupling` parts must be among {list(COUPLINGS)}, got {name!r} in {value!r}.")
+        try:
+            mix[name] = float(weight) if weight else 1.0
+        except ValueError as e:
+            raise ValueError(f"`--coupling` weight of {name!r} must be a number, got {weight!r}.") from e
+        if mix[name] < 0 or not math.isfinite(mix[name]):
+            raise ValueError(f"`--coupling` weight of {name!r} must be >= 0, got {weight!r}.")
+    if sum(mix.values()) <= 0:
+        raise ValueError(f"`--coupling` weights must not all be 0: {value!r}.")
+    return mix
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Every check that needs no data: raises ``ValueError`` naming the flag before anything is written."""
+    positive = ("seq_len", "max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps")
+    for name in positive + ("eval_steps", "logging_steps", "tokenizer_vocab_size", "eval_batches"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be >= 1, got {getattr(args, name)}.")
+    for name in ("warmup_steps", "num_samples"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}.")
+    if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
+        raise ValueError(f"`--learning_rate` must be > 0, got {args.learning_rate}.")
+    if bool(args.train_file) == bool(args.stdlib):
+        raise ValueError("pass exactly one of `--train_file` and `--stdlib`.")
+    args.coupling_spec = parse_coupling(args.coupling)
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        raise ValueError(f"`--resume_from_checkpoint` {args.resume_from_checkpoint!r} is not a folder (or 'latest').")
+
+
+def _model_config(args: argparse.Namespace, tokenizer: Any) -> Any:
+    from ..models import DFM_PRESETS, DFMConfig
+
+    overrides = json.loads(args.model_config_overrides) if args.model_config_overrides else {}
+    if args.model_config in DFM_PRESETS:
+        config = DFMConfig.from_preset(args.model_config, tokenizer=tokenizer, **overrides)
+    elif os.path.isfile(args.model_config):
+        with open(args.model_config, encoding="utf-8") as f:
+            raw = {**json.load(f), **overrides}
+        for k in ("model_type", "architectures", "auto_map", "transformers_version"):
+            raw.pop(k, None)
+        raw.update(
+            vocab_size=len(tokenizer),
+            mask_token_id=tokenizer.mask_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        config = DFMConfig(**raw)
+    else:
+        raise ValueError(
+            f"`--model_config` must be a preset among {sorted(DFM_PRESETS)} or a json file, got {args.model_config!r}."
+        )
+    if args.seq_len > config.max_position_embeddings:
+        raise ValueError(
+            f"`--seq_len` {args.seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}."
+        )
+    config.loss_type = args.loss
+    return config
+
+
+def _scheduler(args: argparse.Namespace, tokenizer: Any) -> Any:
+    from ..schedulers import DiscreteFlowScheduler
+
+    cfg: dict[str, Any] = {}
+    if args.scheduler_config:
+        with open(args.scheduler_config, encoding="utf-8") as f:
+            cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    cfg.update(mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer))
+    if args.prediction_type:
+        cfg["prediction_type"] = args.prediction_type
+    return DiscreteFlowScheduler(**cfg)
+
+
+def _checkpoint_dirs(output_dir: str) -> list[str]:
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    dirs = [d for d in os.listdir(root) if d.startswith("checkpoint-") and d.split("-")[-1].isdigit()]
+    dirs = [d for d in dirs if os.path.isfile(os.path.join(root, d, "training_state.json"))]  # complete ones only
+    return [os.path.join(root, d) for d in sorted(dirs, key=lambda d: int(d.split("-")[-1]))]
+
+
+def _resolve_resume(args: argparse.Namespace, config: Any) -> Optional[str]:
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        dirs = _checkpoint_dirs(args.output_dir)
+        if not dirs:
+            return None
+        path = dirs[-1]
+    else:
+        path = args.resume_from_checkpoint
+    state_file = os.path.join(path, "training_state.json")
+    if not os.path.isfile(state_file):
+        raise ValueError(f"`--resume_from_checkpoint` {path!r} is incomplete (no training_state.json).")
+    with open(state_file, encoding="utf-8") as f:
+        state = json.load(f)
+    saved, current = state.get("model_config", {}), _config_signature(config)
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if diff:
+        raise ValueError(
+            f"`--resume_from_checkpoint` {path!r} was written for a different model config (differs in {diff})."
+        )
+    return path
+
+
+def _config_signature(config: Any) -> dict[str, Any]:
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    keys += ("max_position_embeddings", "time_conditioning", "mask_token_id")
+    return {k: getattr(config, k) for k in keys}
+
+
+class BatchPlan:
+    """Rows of each (step, micro-step, rank) as a pure function of the seed (see the module docstring)."""
+
+    def __init__(self, num_rows: int, batch_size: int, accumulation: int, world: int, seed: int) -> None:
+        self.n, self.bs, self.acc, self.world, self.seed = num_rows, batch_size, accumulation, world, seed
+        self._perm_epoch, self._perm = -1, None
+
+    def global_index(self, step: int, micro: int, rank: int) -> int:
+        return (step * self.acc + micro) * self.world + rank
+
+    def rows(self, step: int, micro: int, rank: int) -> list[int]:
+        start = self.global_index(step, micro, rank) * self.bs
+        out = []
+        for pos in range(start, start + self.bs):
+            epoch, offset = divmod(pos, self.n)
+            if epoch != self._perm_epoch:
+                self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+                self._perm_epoch = epoch
+            out.append(int(self._perm[offset]))
+        return out
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    """Run training; returns the final metrics."""
+    args = build_parser().parse_args(argv)
+    validate_args(args)
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoTokenizer, get_scheduler
+
+    from ..data.corpus import expand_data_files, load_text_dataset, pack_dataset, split_by_file, stdlib_python_files
+    from ..data.tokenizer import train_bpe_tokenizer
+    from ..models import DFMForMaskedGeneration
+    from .collator import DFMDataCollator
+
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+    )
+    set_seed(args.seed)
+    main_proc = accelerator.is_main_process
+
+    # ---- data files (checked before anything is written)
+    if args.stdlib:
+        train_files, val_files = split_by_file(stdlib_python_files(), args.validation_fraction)
+    else:
+        train_files = expand_data_files(args.train_file, "--train_file")
+        val_files = expand_data_files(args.validation_file, "--validation_file") if args.validation_file else []
+
+    # ---- tokenizer: given, or a byte-level BPE trained on the training documents
+    if args.tokenizer_name_or_path:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path)
+    else:
+        texts = load_text_dataset(train_files, args.text_column)[args.text_column]
+        tokenizer = train_bpe_tokenizer(texts, vocab_size=args.tokenizer_vocab_size)
+    if tokenizer.mask_token_id is None:
+        raise ValueError("`--tokenizer_name_or_path`: the tokenizer has no mask token (DFM needs one).")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    # ---- model, scheduler (the path used for training), collator; resume check
+    config = _model_config(args, tokenizer)
+    scheduler = _scheduler(args, tokenizer)
+    resume = _resolve_resume(args, config)
+
+    with accelerator.main_process_first():
+        train_ds = pack_dataset(
+            load_text_dataset(train_files, args.text_column),
+            tokenizer,
+            args.seq_len,
+            args.text_column,
+            args.num_workers,
+        )
+        val_ds = (
+            pack_dataset(load_text_dataset(val_files, args.text_column), tokenizer, args.seq_len, args.text_column)
+            if val_files
+            else None
+        )
+    if len(train_ds) == 0:
+        raise ValueError(f"`--train_file`: the data holds fewer than `--seq_len`={args.seq_len} tokens.")
+    train_rows = torch.tensor(train_ds["input_ids"], dtype=torch.long)
+    val_rows = torch.tensor(val_ds["input_ids"], dtype=torch.long) if val_ds is not None and len(val_ds) else None
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    torch.manual_seed(args.seed)
+    model = DFMForMaskedGeneration(config)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95)
+    )
+    lr_sched = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_train_steps
+    )
+    model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
+    collator = DFMDataCollator(
+        scheduler=scheduler,
+        coupling=args.coupling_spec,
+        time_sampling=args.time_sampling,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    plan = BatchPlan(len(train_rows), args.train_batch_size, args.gradient_accumulation_steps,
+                     accelerator.num_processes, args.seed)  # fmt: skip
+
+    start_step = 0
+    if resume:
+        accelerator.load_state(resume)
+        with open(os.path.join(resume, "training_state.json"), encoding="utf-8") as f:
+            start_step = json.load(f)["step"]
+        accelerator.print(f"resumed from {resume} at step {start_step}")
+
+    log_path = os.path.join(args.output_dir, "logs", "metrics.jsonl")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    tb = _tensorboard(os.path.join(args.output_dir, "logs")) if main_proc else None
+
+    def log(record: dict[str, Any]) -> None:
+        if main_proc:
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if tb is not None:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k != "step":
+                        tb.add_scalar(k, v, record["step"])
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=args.max_train_steps, initial=start_step, disable=not main_proc or args.no_progress, desc="train")
+    started, metrics, step = time.time(), {}, start_step
+    model.train()
+    for step in range(start_step, args.max_train_steps):
+        losses = []
+        for micro in range(args.gradient_accumulation_steps):
+            g_index = plan.global_index(step, micro, accelerator.process_index)
+            collator.generator = torch.Generator().manual_seed(args.seed * 7_919 + g_index)
+            batch = collator(train_rows[plan.rows(step, micro, accelerator.process_index)])
+            batch = {k: v.to(accelerator.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            with accelerator.accumulate(model):
+                out = model(**batch)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_sched.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(out.loss.detach())
+        loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        done = step + 1
+        if done % args.logging_steps == 0 or done == 1:
+            log({"step": done, "loss": loss, "lr": lr_sched.get_last_lr()[0], "elapsed_s": time.time() - started})
+        out_of_time = args.max_train_minutes is not None and (time.time() - started) > 60 * args.max_train_minutes
+        if done % args.checkpointing_steps == 0 or out_of_time:
+            _save_checkpoint(accelerator, args, done, config)
+        if val_rows is not None and (done % args.eval_steps == 0 or done == args.max_train_steps or out_of_time):
+            metrics = evaluate_model(accelerator.unwrap_model(model), val_rows, scheduler, args, tokenizer)
+            metrics["step"] = done
+            log(metrics)
+            model.train()
+        if out_of_time:
+            accelerator.print(f"--max_train_minutes reached at step {done}")
+            break
+    bar.close()
+    accelerator.wait_for_everyone()
+    final = {"step": step + 1, "train_loss": loss, "wall_time_s": time.time() - started, **metrics}
+    if main_proc:
+        _save_pipeline(accelerator.unwrap_model(model), scheduler, tokenizer, args, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _tensorboard(logdir: str) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(logdir)
+
+
+def _save_checkpoint(accelerator: Any, args: argparse.Namespace, step: int, config: Any) -> None:
+    """``save_state`` into a temp folder, then rename: a killed run never leaves a half-written checkpoint behind."""
+    root = os.path.join(args.output_dir, "checkpoints")
+    final = os.path.join(root, f"checkpoint-{step}")
+    tmp = os.path.join(root, f".tmp-checkpoint-{step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(root, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "training_state.json"), "w", encoding="utf-8") as f:
+            json.dump({"step": step, "model_config": _config_signature(config)}, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in _checkpoint_dirs(args.output_dir)[: -args.checkpoints_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def evaluate_model(model: Any, rows: torch.Tensor, scheduler: Any, args: Any, tokenizer: Any) -> dict[str, Any]:
+    """Validation CE loss, the ELBO perplexity bound and a few unconditional samples.
+
+    The bound: ``-log p(x1) <= int_0^1 sum_i GKL_i(t) dt`` (DFM_NOTES.md); estimated with ``t`` stratified over
+    ``[0, 1 - 1e-3]`` on ``--eval_batches`` batches, divided by the number of tokens: ``ppl_bound = exp(bound)``.
+    """
+    from ..models.modeling_dfm import generalized_kl_loss
+    from .collator import DFMDataCollator
+    from .losses import kappa_rate
+
+    model.eval()
+    device = next(model.parameters()).device
+    ce_total, elbo_total, tokens, ce_count = 0.0, 0.0, 0, 0
+    bs = args.train_batch_size
+    n_batches = min(args.eval_batches, max(1, math.ceil(len(rows) / bs)))
+    collator = DFMDataCollator(scheduler=scheduler, coupling="unconditional", time_sampling="stratified",
+                               pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    for b in range(n_batches):
+        chunk = rows[(b * bs) % len(rows) :][:bs]
+        collator.generator = torch.Generator().manual_seed(10_000 + b)
+        batch = {k: v.to(device) for k, v in collator(chunk).items() if isinstance(v, torch.Tensor)}
+        out = model(input_ids=batch["input_ids"], timesteps=batch["timesteps"], attention_mask=batch["attention_mask"])
+        scored = batch["labels"] != -100
+        ce = torch.nn.functional.cross_entropy(out.logits[scored].float(), batch["labels"][scored], reduction="sum")
+        ce_total += ce.item()
+        rate = kappa_rate(batch["timesteps"], scheduler.schedule).view(-1, 1)
+        n_tok = chunk.numel()
+        elbo_total += generalized_kl_loss(
+            out.logits, batch["labels"], batch["input_ids"], rate, num_items_in_batch=1
+        ).item()
+        tokens += n_tok
+        ce_count += int(scored.sum())
+    bound = elbo_total / tokens
+    metrics = {"val_loss": ce_total / max(ce_count, 1), "elbo_per_token": bound, "ppl_bound": math.exp(min(bound, 50))}
+    if args.num_samples:
+        metrics["samples"] = _samples(model, scheduler, tokenizer, args.num_samples, min(args.seq_len, 64))
+    return metrics
+
+
+def _samples(model: Any, scheduler: Any, tokenizer: Any, n: int, length: int) -> list[str]:
+    from ..pipelines import DFMPipeline
+    from ..schedulers import DiscreteFlowScheduler
+
+    if scheduler.config.prediction_type != "sample":
+        return []
+    sampler = DiscreteFlowScheduler.from_config(scheduler.config)
+    pipe = DFMPipeline(model=model, scheduler=sampler, tokenizer=tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    return pipe(gen_length=length, num_inference_steps=length, num_samples_per_prompt=n, generator=g).texts
+
+
+def _save_pipeline(model: Any, scheduler: Any, tokenizer: Any, args: argparse.Namespace, final: dict) -> None:
+    from ..hub import write_training_card
+    from ..pipelines import DFMPipeline
+
+    model = model.to(torch.float32).eval()
+    pipe = DFMPipeline(model=model, scheduler=scheduler, tokenizer=tokenizer)
+    pipe.save_pretrained(args.output_dir)
+    write_training_card(args.output_dir, vars(args), final)
+
+
+if __name__ == "__main__":
+    main()

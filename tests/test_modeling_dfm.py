@@ -1,0 +1,565 @@
+"""Tests of DFMConfig / DFMModel / DFMForMaskedGeneration (tiny configs, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+from dfm_hf.models import (
+    DFM_PRESETS,
+    DFMConfig,
+    DFMForMaskedGeneration,
+    DFMMaskedGenerationOutput,
+    DFMModel,
+    register_auto_classes,
+)
+from dfm_hf.training import losses
+
+VOCAB = 64
+MASK = 63
+PAD = 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models on shared CPUs: one intra-op thread avoids oversubscription stalls (restored afterwards)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_config(**overrides) -> DFMConfig:
+    kwargs = dict(vocab_size=VOCAB, mask_token_id=MASK, pad_token_id=PAD, max_position_embeddings=64)
+    kwargs.update(overrides)
+    return DFMConfig.from_preset("tiny", **kwargs)
+
+
+def perturb_time_params(model: torch.nn.Module, std: float = 0.1) -> None:
+    """The adaLN-Zero modulations start at zero (time-independent identity blocks); randomise them for tests."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "modulation" in name:
+                param.normal_(0.0, std)
+
+
+def make_model(seed: int = 0, **overrides) -> DFMForMaskedGeneration:
+    torch.manual_seed(seed)
+    model = DFMForMaskedGeneration(tiny_config(**overrides))
+    if model.config.time_conditioning:
+        perturb_time_params(model)
+    return model.eval()
+
+
+def random_ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        (dict(hidden_size=66, num_attention_heads=4), "hidden_size"),
+        (dict(hidden_size=60, num_attention_heads=4), "head dim"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(num_hidden_layers=0), "num_hidden_layers"),
+        (dict(intermediate_size=-1), "intermediate_size"),
+        (dict(max_position_embeddings=0), "max_position_embeddings"),
+        (dict(mask_token_id=VOCAB), "mask_token_id"),
+        (dict(mask_token_id=-1), "mask_token_id"),
+        (dict(loss_type="mse"), "loss_type"),
+        (dict(time_conditioning="yes"), "time_conditioning"),
+        (dict(hidden_dropout=1.5), "hidden_dropout"),
+        (dict(rope_theta=0.0), "rope_theta"),
+        (dict(rms_norm_eps=0.0), "rms_norm_eps"),
+    ],
+)
+def test_config_validation_names_the_key(kwargs, key):
+    with pytest.raises(ValueError, match=key.replace(" ", ".")):
+        tiny_config(**kwargs)
+
+
+def test_config_loss_type_error_lists_accepted_values():
+    with pytest.raises(ValueError, match="generalized_kl"):
+        tiny_config(loss_type="kl")
+
+
+class _FakeTokenizer:
+    def __init__(self, mask_token_id=None):
+        self.mask_token_id = mask_token_id
+        self.pad_token_id = 1
+        self.eos_token_id = 2
+        self.bos_token_id = 3
+
+    def __len__(self) -> int:
+        return 100
+
+
+def test_presets_and_tokenizer():
+    assert set(DFM_PRESETS) == {"tiny", "small", "base"}
+    for name, preset in DFM_PRESETS.items():
+        config = DFMConfig.from_preset(name)
+        assert config.hidden_size == preset["hidden_size"]
+        assert config.head_dim % 2 == 0
+    config = DFMConfig.from_preset("small", tokenizer=_FakeTokenizer(mask_token_id=99), time_conditioning=True)
+    assert (config.vocab_size, config.mask_token_id, config.pad_token_id) == (100, 99, 1)
+    assert (config.eos_token_id, config.bos_token_id, config.time_conditioning) == (2, 3, True)
+    assert config.tie_word_embeddings is True
+    with pytest.raises(ValueError, match="tokenizer"):
+        DFMConfig.from_preset("tiny", tokenizer=_FakeTokenizer())
+    with pytest.raises(ValueError, match="name"):
+        DFMConfig.from_preset("huge")
+
+
+def test_config_roundtrip(tmp_path):
+    config = tiny_config(time_conditioning=True, loss_type="generalized_kl")
+    config.save_pretrained(tmp_path)
+    loaded = DFMConfig.from_pretrained(tmp_path)
+    for key in ("vocab_size", "hidden_size", "mask_token_id", "time_conditioning", "loss_type", "rope_theta"):
+        assert getattr(loaded, key) == getattr(config, key)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Model basics, Auto classes, save / load
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_forward_shapes_tying_and_module_names():
+    model = make_model()
+    ids = random_ids()
+    out = model(ids)
+    assert isinstance(out, DFMMaskedGenerationOutput)
+    assert out.logits.shape == (2, 12, VOCAB) and out.loss is None
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.get_output_embeddings() is model.lm_head
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= names
+    assert not any("time" in n or "modulation" in n for n, _ in model.named_parameters())
+    tup = model(ids, labels=ids, return_dict=False)
+    assert isinstance(tup, tuple) and torch.equal(tup[1], out.logits)
+    full = model(ids, output_hidden_states=True, output_attentions=True)
+    assert len(full.hidden_states) == model.config.num_hidden_layers + 1
+    assert len(full.attentions) == model.config.num_hidden_layers
+    assert full.attentions[0].shape == (2, model.config.num_attention_heads, 12, 12)
+    torch.testing.assert_close(full.logits, out.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_classes():
+    register_auto_classes()
+    register_auto_classes()  # idempotent
+    config = AutoConfig.for_model("dfm", vocab_size=VOCAB, mask_token_id=MASK, hidden_size=32, num_attention_heads=2)
+    assert isinstance(config, DFMConfig) and config.hidden_size == 32
+    assert isinstance(AutoModel.from_config(config), DFMModel)
+    assert isinstance(AutoModelForMaskedLM.from_config(config), DFMForMaskedGeneration)
+
+
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_save_load_identical_logits(tmp_path, time_conditioning):
+    model = make_model(time_conditioning=time_conditioning)
+    ids = random_ids()
+    t = torch.tensor([0.25, 0.75])
+    with torch.no_grad():
+        expected = model(ids, t).logits
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert {"model.safetensors", "config.json", "modeling_dfm.py", "configuration_dfm.py"} <= files
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoConfig"] == "configuration_dfm.DFMConfig"
+    assert auto_map["AutoModelForMaskedLM"] == "modeling_dfm.DFMForMaskedGeneration"
+    for loader in (DFMForMaskedGeneration, AutoModelForMaskedLM):
+        loaded = loader.from_pretrained(tmp_path).eval()
+        assert isinstance(loaded, DFMForMaskedGeneration)
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+        with torch.no_grad():
+            assert torch.equal(loaded(ids, t).logits, expected)
+    eager = DFMForMaskedGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert eager.config._attn_implementation == "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(eager(ids, t).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+_REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc
+    import sys
+
+    class _BlockDfmHf(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "dfm_hf" or name.startswith("dfm_hf."):
+                raise ModuleNotFoundError(f"dfm_hf is blocked in this test: {name}")
+            return None
+
+    sys.meta_path.insert(0, _BlockDfmHf())
+    try:
+        import dfm_hf  # noqa: F401
+    except ModuleNotFoundError:
+        pass
+    else:
+        raise SystemExit("dfm_hf should not be importable here")
+
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    checkpoint, inputs, output = sys.argv[1:4]
+    model = AutoModelForMaskedLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    assert type(model).__name__ == "DFMForMaskedGeneration", type(model)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    assert not [m for m in sys.modules if m == "dfm_hf" or m.startswith("dfm_hf.")]
+    data = torch.load(inputs)
+    with torch.no_grad():
+        logits = model(data["input_ids"], data["timesteps"]).logits
+    torch.save(logits, output)
+    """
+)
+
+
+def test_remote_code_loads_without_dfm_hf(tmp_path):
+    model = make_model(time_conditioning=True)
+    ids = random_ids()
+    t = torch.tensor([0.1, 0.9])
+    with torch.no_grad():
+        expected = model(ids, t).logits
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    torch.save({"input_ids": ids, "timesteps": t}, tmp_path / "inputs.pt")
+    script = tmp_path / "load_remote.py"
+    script.write_text(_REMOTE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-s", str(script), str(checkpoint), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=0.0, rtol=0.0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Attention: sdpa vs eager, padding, logits_to_keep
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_sdpa_matches_eager(time_conditioning):
+    model = make_model(time_conditioning=time_conditioning)
+    assert model.config._attn_implementation == "sdpa"
+    ids = random_ids(3, 16)
+    t = torch.tensor([0.0, 0.5, 0.99])
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    with torch.no_grad():
+        sdpa = model(ids, t, attention_mask=mask).logits
+        model.set_attn_implementation("eager")
+        assert model.config._attn_implementation == "eager"
+        eager = model(ids, t, attention_mask=mask).logits
+    torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_padding_does_not_change_real_positions(attn_implementation):
+    model = make_model(time_conditioning=True)
+    model.set_attn_implementation(attn_implementation)
+    ids = random_ids(2, 16)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[0, 9:] = 0
+    other = ids.clone()
+    other[0, 9:] = torch.randint(0, VOCAB, (7,), generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([0.3, 0.6])
+    with torch.no_grad():
+        a = model(ids, t, attention_mask=mask).logits
+        b = model(other, t, attention_mask=mask).logits
+        alone = model(ids[:1, :9], t[:1]).logits
+        fully_padded = model(ids, t, attention_mask=torch.zeros_like(mask)).logits
+    torch.testing.assert_close(a[0, :9], b[0, :9], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a[1], b[1], atol=0.0, rtol=0.0)
+    torch.testing.assert_close(a[0, :9], alone[0], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(a).all() and torch.isfinite(fully_padded).all()
+
+
+def test_logits_to_keep_bool_and_index():
+    model = make_model(time_conditioning=True)
+    ids = random_ids(3, 10)
+    t = torch.tensor([0.2, 0.4, 0.8])
+    seen: list[tuple[int, ...]] = []
+    handle = model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
+    with torch.no_grad():
+        full = model(ids, t).logits
+        keep = torch.rand(3, 10, generator=torch.Generator().manual_seed(0)) < 0.3
+        packed = model(ids, t, logits_to_keep=keep).logits
+        idx = torch.tensor([7, 0, 3])
+        gathered = model(ids, t, logits_to_keep=idx).logits
+        negative = model(ids, t, logits_to_keep=torch.tensor([-1])).logits
+    handle.remove()
+    assert packed.shape == (int(keep.sum()), VOCAB)
+    torch.testing.assert_close(packed, full[keep], atol=1e-6, rtol=1e-6)
+    assert gathered.shape == (3, 3, VOCAB)
+    torch.testing.assert_close(gathered, full[:, idx], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(negative, full[:, -1:], atol=1e-6, rtol=1e-6)
+    # the LM head only ran on the kept rows
+    assert seen == [(3, 10, 64), (int(keep.sum()), 64), (3, 3, 64), (3, 1, 64)]
+
+
+def test_logits_to_keep_with_labels_scores_kept_positions():
+    model = make_model()
+    ids = random_ids(2, 10)
+    labels = torch.full_like(ids, -100)
+    labels[:, ::3] = ids[:, ::3]
+    keep = labels != -100
+    with torch.no_grad():
+        full = model(ids, labels=labels)
+        kept = model(ids, labels=labels, logits_to_keep=keep)
+    torch.testing.assert_close(full.loss, kept.loss, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training: gradient checkpointing, overfitting, LoRA
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_gradient_checkpointing_same_gradients():
+    model = make_model(time_conditioning=True).train()
+    ids = random_ids(2, 12)
+    t = torch.tensor([0.3, 0.7])
+
+    def grads():
+        model.zero_grad()
+        model(ids, t, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    reference = grads()
+    assert model.supports_gradient_checkpointing
+    for kwargs in (None, {"use_reentrant": True}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated alias of activation_checkpointing_enable
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        assert all(layer.gradient_checkpointing for layer in model.model.layers)
+        checkpointed = grads()
+        assert reference.keys() == checkpointed.keys()
+        for name in reference:
+            torch.testing.assert_close(checkpointed[name], reference[name], atol=1e-6, rtol=1e-5, msg=name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gradient_checkpointing_disable()
+
+
+def _masked_batch(batch: int = 4, length: int = 32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x1 = torch.randint(1, MASK, (batch, length), generator=g)
+    masked = torch.rand(batch, length, generator=g) < 0.5
+    x_t = torch.where(masked, torch.full_like(x1, MASK), x1)
+    labels = torch.where(masked, x1, torch.full_like(x1, -100))
+    return x_t, labels
+
+
+def test_overfit_single_batch():
+    model = make_model().train()
+    x_t, labels = _masked_batch()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(200):
+        loss = model(x_t, labels=labels).loss
+        first = loss.item() if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert first > 3.0
+    assert loss.item() < 0.05
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # peft 0.21 calls a transformers API deprecated in 5.x
+def test_peft_lora_trains_and_merges():
+    peft = pytest.importorskip("peft")
+    model = make_model()
+    x_t, labels = _masked_batch(seed=3)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    losses_seen = []
+    for _ in range(40):
+        loss = peft_model(input_ids=x_t, labels=labels).loss
+        losses_seen.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses_seen[-1] < losses_seen[0] - 0.3
+    for name, param in peft_model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), name
+    peft_model.eval()
+    with torch.no_grad():
+        adapted = peft_model(input_ids=x_t).logits
+    merged = peft_model.merge_and_unload()
+    assert isinstance(merged, DFMForMaskedGeneration)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x_t).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Time conditioning
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_time_conditioning_on_and_off():
+    ids = random_ids(2, 10)
+    # False: no time parameters, t ignored (and optional)
+    plain = make_model(time_conditioning=False)
+    with torch.no_grad():
+        a = plain(ids).logits
+        b = plain(ids, torch.tensor([0.1, 0.9])).logits
+        c = plain(ids, 0.5).logits
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+    # True at initialisation: adaLN-Zero -> blocks are identities, output does not depend on t yet
+    torch.manual_seed(0)
+    fresh = DFMForMaskedGeneration(tiny_config(time_conditioning=True)).eval()
+    assert any("time_embedding" in n for n, _ in fresh.named_parameters())
+    for name, param in fresh.named_parameters():
+        if "modulation" in name:
+            assert torch.count_nonzero(param) == 0, name
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids, 0.1).logits, fresh(ids, 0.9).logits)
+
+    # True once trained (perturbed): depends on t; scalar forms equal the per-row form
+    timed = make_model(time_conditioning=True)
+    with torch.no_grad():
+        low = timed(ids, torch.tensor([0.1, 0.1])).logits
+        high = timed(ids, torch.tensor([0.9, 0.9])).logits
+        scalar = timed(ids, 0.1).logits
+        zero_d = timed(ids, torch.tensor(0.1)).logits
+    assert (low - high).abs().max() > 1e-3
+    torch.testing.assert_close(scalar, low)
+    torch.testing.assert_close(zero_d, low)
+    timed.train()
+    loss = timed(ids, torch.rand(2), labels=ids).loss
+    loss.backward()
+    assert timed.model.time_embedding.linear_1.weight.grad is not None
+    with pytest.raises(ValueError, match="timesteps"):
+        timed(ids)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Losses
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_ce_loss_matches_cross_entropy():
+    model = make_model()
+    x_t, labels = _masked_batch(2, 12, seed=7)
+    with torch.no_grad():
+        out = model(x_t, labels=labels)
+    expected = F.cross_entropy(out.logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+    # condition_mask positions are never scored
+    cond = torch.zeros_like(labels, dtype=torch.bool)
+    cond[:, :4] = True
+    with torch.no_grad():
+        conditioned = model(x_t, labels=labels, condition_mask=cond).loss
+    expected = F.cross_entropy(
+        out.logits.reshape(-1, VOCAB), labels.masked_fill(cond, -100).reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(conditioned, expected)
+    # Trainer gradient accumulation: the sum is divided by num_items_in_batch
+    count = int((labels != -100).sum())
+    with torch.no_grad():
+        halved = model(x_t, labels=labels, num_items_in_batch=torch.tensor(2 * count)).loss
+    torch.testing.assert_close(halved, out.loss / 2)
+    torch.testing.assert_close(losses.dfm_loss(out.logits, labels), out.loss)
+    # nothing scored -> 0, not NaN
+    with torch.no_grad():
+        assert model(x_t, labels=torch.full_like(labels, -100)).loss.item() == 0.0
+
+
+def test_generalized_kl_matches_direct_computation():
+    model = make_model(time_conditioning=True, loss_type="generalized_kl")
+    g = torch.Generator().manual_seed(11)
+    x1 = torch.randint(0, MASK, (3, 9), generator=g)
+    x_t = torch.where(torch.rand(3, 9, generator=g) < 0.5, torch.randint(0, MASK, (3, 9), generator=g), x1)
+    labels = x1.clone()
+    labels[:, 0] = -100
+    t = torch.tensor([0.1, 0.5, 0.8])
+    rate = losses.kappa_rate(t, "polynomial", 2.0)
+    torch.testing.assert_close(rate, 2 * t / (1 - t**2))
+    with torch.no_grad():
+        out = model(x_t, t, labels=labels, kappa_rate=rate)
+    probs = torch.softmax(out.logits.double(), dim=-1)
+    terms = []
+    for b in range(3):
+        for i in range(9):
+            if labels[b, i] == -100:
+                continue
+            delta = float(x_t[b, i] == x1[b, i])
+            p_xt = probs[b, i, x_t[b, i]]
+            log_p_x1 = torch.log(probs[b, i, x1[b, i]])
+            terms.append(-rate[b].double() * (p_xt - delta + (1 - delta) * log_p_x1))
+    expected = torch.stack(terms).mean()
+    assert any(x_t[b, i] == x1[b, i] for b in range(3) for i in range(1, 9))  # both delta branches exercised
+    torch.testing.assert_close(out.loss.double(), expected, atol=1e-5, rtol=1e-5)
+    # the training helper (rates from the schedule) gives the same number
+    helper = losses.dfm_loss(
+        out.logits, labels, x_t, t, loss_type="generalized_kl", schedule="polynomial", kappa_exponent=2.0
+    )
+    torch.testing.assert_close(helper, out.loss)
+    # packed logits_to_keep gives the same loss
+    with torch.no_grad():
+        packed = model(x_t, t, labels=labels, kappa_rate=rate, logits_to_keep=labels != -100).loss
+    torch.testing.assert_close(packed, out.loss, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="kappa_rate"):
+        model(x_t, t, labels=labels)
+    with pytest.raises(ValueError, match="kappa_rate"):
+        model(x_t, t, labels=labels, kappa_rate=torch.ones(2))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad inputs
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(input_ids=torch.tensor([[0, 1, VOCAB]])), "input_ids"),
+        (dict(input_ids=torch.tensor([[-1, 1, 2]])), "input_ids"),
+        (dict(input_ids=torch.zeros(1, 65, dtype=torch.long)), "input_ids"),
+        (dict(input_ids=torch.zeros(4, dtype=torch.long)), "input_ids"),
+        (dict(input_ids=torch.zeros(1, 4)), "input_ids"),
+        (dict(timesteps=torch.rand(3)), "timesteps"),
+        (dict(timesteps=torch.rand(2, 1)), "timesteps"),
+        (dict(timesteps="0.5"), "timesteps"),
+        (dict(attention_mask=torch.ones(2, 3)), "attention_mask"),
+        (dict(labels=torch.zeros(2, 3, dtype=torch.long)), "labels"),
+        (dict(logits_to_keep=torch.ones(2, 3, dtype=torch.bool)), "logits_to_keep"),
+        (dict(logits_to_keep=torch.zeros(2, 2, dtype=torch.long)), "logits_to_keep"),
+        (dict(logits_to_keep=torch.tensor([0.5])), "logits_to_keep"),
+        (dict(logits_to_keep=torch.tensor([6])), "logits_to_keep"),
+        (dict(logits_to_keep=3), "logits_to_keep"),
+    ],
+)
+def test_bad_inputs_raise_value_error_naming_the_argument(kwargs, name):
+    model = make_model(time_conditioning=True)
+    call = dict(input_ids=torch.zeros(2, 6, dtype=torch.long), timesteps=torch.rand(2))
+    call.update(kwargs)
+    if name == "input_ids" and call["input_ids"].dim() == 2:
+        call["timesteps"] = torch.rand(call["input_ids"].shape[0])
+    with pytest.raises(ValueError, match=name):
+        model(**call)
