@@ -15,7 +15,7 @@ setup(
     package_dir={"": "src"},
     packages=find_packages("src"),
     include_package_data=True,
-    package_data={"dfm_hf": ["metrics/*/*.py", "bundled/**/*", "bundled/*"]},
+    package_data={"dfm_hf": ["metrics/*/*.py", "model_cards/*.md", "bundled/*/*", "bundled/*/*/*", "bundled/*/*/*/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<2.15",
