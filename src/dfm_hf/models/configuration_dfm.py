@@ -114,6 +114,7 @@ class DFMConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.rms_norm_eps = rms_norm_eps
         self.loss_type = loss_type
+        self._validate_sizes()  # before the base class: its own validators divide by these
         # Special ids and tying go through the base class so that both transformers 4.x and 5.x store them.
         super().__init__(
             pad_token_id=pad_token_id,
@@ -129,7 +130,7 @@ class DFMConfig(PretrainedConfig):
         """Width of one attention head."""
         return self.hidden_size // self.num_attention_heads
 
-    def _validate(self) -> None:
+    def _validate_sizes(self) -> None:
         for key in (
             "vocab_size",
             "hidden_size",
@@ -151,6 +152,9 @@ class DFMConfig(PretrainedConfig):
                 f"`hidden_size / num_attention_heads` (head dim {self.head_dim}) must be even for rotary embeddings; "
                 f"change `hidden_size` ({self.hidden_size}) or `num_attention_heads` ({self.num_attention_heads})."
             )
+
+    def _validate(self) -> None:
+        self._validate_sizes()
         if not _is_number(self.rope_theta) or self.rope_theta <= 0:
             raise ValueError(f"`rope_theta` must be a finite number > 0, got {self.rope_theta!r}.")
         for key in ("time_conditioning", "tie_word_embeddings"):

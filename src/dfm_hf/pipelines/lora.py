@@ -42,13 +42,23 @@ def _resolve_adapter_files(path_or_repo: str, **kwargs: Any) -> tuple[str, str]:
                     "(a PEFT LoRA adapter folder holds adapter_config.json and adapter_model.safetensors)."
                 )
         return config, weights
-    from huggingface_hub import hf_hub_download
+    if path_or_repo.startswith(("/", ".", "~")) or path_or_repo.count("/") > 1 or not path_or_repo.strip():
+        raise ValueError(f"`pretrained_model_name_or_path` {path_or_repo!r} is neither a folder nor a Hub repo id.")
+    from ..hub import download_snapshot
 
-    hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
-    return (
-        hf_hub_download(path_or_repo, ADAPTER_CONFIG, **hub),
-        hf_hub_download(path_or_repo, ADAPTER_WEIGHTS, **hub),
-    )
+    # one snapshot: both files come from the same commit even if the branch moves meanwhile
+    keys = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+    hub = {k: kwargs[k] for k in keys if k in kwargs}
+    folder = download_snapshot(path_or_repo, [ADAPTER_CONFIG, ADAPTER_WEIGHTS], what="LoRA adapter", **hub)
+    config, weights = os.path.join(folder, ADAPTER_CONFIG), os.path.join(folder, ADAPTER_WEIGHTS)
+    for f in (config, weights):
+        if not os.path.isfile(f):
+            at = f" at revision {kwargs['revision']!r}" if kwargs.get("revision") else ""
+            raise OSError(
+                f"LoRA adapter repo {path_or_repo!r}{at} has no {os.path.basename(f)} (a PEFT LoRA adapter repo holds "
+                "adapter_config.json and adapter_model.safetensors; pickled adapter_model.bin files are not loaded)."
+            )
+    return config, weights
 
 
 def load_lora_weights(

@@ -23,10 +23,10 @@ from diffusers.utils import BaseOutput
 from ..schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
 from ..schedulers.sampling import check_generator
 from . import lora as lora_utils
-from .presets import PRESETS_DIR, default_scheduler_presets, load_presets_from_folder, save_presets
+from .presets import default_scheduler_presets, load_presets_from_folder, save_presets
 
 OUTPUT_TYPES = ("text", "pt")
-_SAFE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.md", "*.model", "*.jinja", "tokenizer*", "*/*.json"]
+MAX_ROWS = 65_536  # rows per call: a bound so that no argument can make the pipeline allocate without limit
 
 
 @dataclass
@@ -88,21 +88,20 @@ class DFMPipeline(DiffusionPipeline):
         """Fetch a pipeline repo from the Hub with ``huggingface_hub.snapshot_download`` and return its folder.
 
         diffusers' own ``download`` rejects third-party components; this one fetches only safe files (json,
-        safetensors, tokenizer files, presets, cards). Pickled weights are fetched only with ``allow_pickle=True``.
+        safetensors, tokenizer files, scheduler presets, the card: ``dfm_hf.hub.PIPELINE_ALLOW_PATTERNS``). Pickled
+        weights are fetched only with ``allow_pickle=True``; a repo with nothing else raises ``ValueError``. Other
+        failures raise an ``OSError`` naming the repo, revision and file (see ``dfm_hf.hub.download_pipeline``).
         """
-        from huggingface_hub import snapshot_download
+        from ..hub import download_pipeline
 
-        patterns = list(_SAFE_PATTERNS)
-        if kwargs.get("allow_pickle"):
-            patterns += ["*.bin"]
-        return snapshot_download(
+        return download_pipeline(
             pretrained_model_name,
+            allow_pickle=bool(kwargs.get("allow_pickle", False)),
             revision=kwargs.get("revision"),
             cache_dir=kwargs.get("cache_dir"),
             token=kwargs.get("token"),
             local_files_only=bool(kwargs.get("local_files_only", False)),
             force_download=bool(kwargs.get("force_download", False)),
-            allow_patterns=patterns + [f"{PRESETS_DIR}/*/*.json"],
         )
 
     @classmethod
@@ -126,7 +125,7 @@ class DFMPipeline(DiffusionPipeline):
         if not os.path.isfile(os.path.join(folder, "model_index.json")):
             raise ValueError(f"`pretrained_model_name_or_path` {name!r} has no model_index.json: not a DFM pipeline.")
         _check_no_pickle(folder, allow_pickle)
-        kwargs["use_safetensors"] = not allow_pickle
+        kwargs["use_safetensors"] = None if allow_pickle else True  # None: safetensors first, else the pickle
         pipe = super().from_pretrained(folder, **kwargs)
         pipe.register_to_config(_name_or_path=name)
         pipe.scheduler_presets = {**default_scheduler_presets(pipe.scheduler), **load_presets_from_folder(folder)}
@@ -157,8 +156,14 @@ class DFMPipeline(DiffusionPipeline):
             )
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
-        """Save into a temp folder and upload it to ``repo_id`` with our model card (``revision=`` pushes to a
-        branch, created if needed; ``commit_message``, ``private``, ``token`` are passed on)."""
+        """Save into a temp folder and upload it to ``repo_id`` in one commit with a dfm_hf model card; returns the
+        ``CommitInfo``.
+
+        ``revision=`` pushes to a branch (created from ``main`` if needed); ``commit_message``, ``private``, ``token``
+        are passed on. ``training``, ``metrics``, ``datasets``, ``license``, ``limitations`` fill a fresh card
+        (``card=`` replaces it); without them, the card of the local folder the pipeline was loaded from is kept.
+        See :func:`dfm_hf.hub.push_pipeline_folder`.
+        """
         from ..hub import push_pipeline_to_hub
 
         return push_pipeline_to_hub(self, repo_id, **kwargs)
@@ -267,24 +272,30 @@ class DFMPipeline(DiffusionPipeline):
             raise ValueError(f"`gen_length` must be an integer >= 0, got {gen_length!r}.")
         if isinstance(num_samples_per_prompt, bool) or not isinstance(num_samples_per_prompt, int):
             raise ValueError(f"`num_samples_per_prompt` must be an integer >= 1, got {num_samples_per_prompt!r}.")
-        if num_samples_per_prompt < 1:
-            raise ValueError(f"`num_samples_per_prompt` must be an integer >= 1, got {num_samples_per_prompt!r}.")
+        if not 1 <= num_samples_per_prompt <= MAX_ROWS:
+            raise ValueError(f"`num_samples_per_prompt` must lie in [1, {MAX_ROWS}], got {num_samples_per_prompt!r}.")
         self.check_components()
         mask, vocab = self.mask_token_id, self.model.config.vocab_size
         max_len = self.model.config.max_position_embeddings
         rows = []
-        for ids in self._prompt_ids(prompt, input_ids):
+        prompts = self._prompt_ids(prompt, input_ids)
+        if len(prompts) * num_samples_per_prompt > MAX_ROWS:
+            raise ValueError(
+                f"{len(prompts)} prompts x `num_samples_per_prompt`={num_samples_per_prompt} exceeds {MAX_ROWS} rows "
+                "per call; split the batch."
+            )
+        for ids in prompts:
             if any(v < 0 or v >= vocab for v in ids):
                 raise ValueError(f"`input_ids` must lie in [0, vocab_size={vocab}).")
+            if len(ids) + gen_length > max_len:
+                raise ValueError(
+                    f"prompt ({len(ids)} tokens) + `gen_length` ({gen_length}) = {len(ids) + gen_length} exceeds the "
+                    f"model's max_position_embeddings={max_len}."
+                )
             row = list(ids) + [mask] * gen_length
             if mask not in row:
                 raise ValueError(
                     "The prompt has nothing to generate: `gen_length` is 0 and it holds no mask token to infill."
-                )
-            if len(row) > max_len:
-                raise ValueError(
-                    f"prompt ({len(ids)} tokens) + `gen_length` ({gen_length}) = {len(row)} exceeds the model's "
-                    f"max_position_embeddings={max_len}."
                 )
             rows.extend([row] * num_samples_per_prompt)
         length = max(len(r) for r in rows)
