@@ -72,3 +72,10 @@ def hub_server() -> LoopbackHub:
 def hub_repo_id(hub_server: LoopbackHub) -> str:
     """A repo id that no other test uses (the repo itself is not created)."""
     return f"dfm-test/{uuid.uuid4().hex[:16]}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tiny test models run fastest on one thread; two threads fight other processes on a 2-core CI box."""
+    import torch
+
+    torch.set_num_threads(1)
