@@ -398,6 +398,7 @@ class DFMPipeline(DiffusionPipeline):
                 ).logits
                 nfe += 1
             sample = scheduler.step(logits, t, sample, generator=generator, condition_mask=condition).prev_sample
+            del logits  # release this step's logits now: otherwise they stay alive through the next forward pass
             if callback_on_step_end is not None:
                 local = {"sample": sample, "condition_mask": condition}
                 out = callback_on_step_end(self, i, t, {k: local[k] for k in tensor_inputs}) or {}

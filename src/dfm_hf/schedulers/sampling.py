@@ -16,6 +16,9 @@ GeneratorLike = Optional[Union[torch.Generator, Sequence[torch.Generator]]]
 
 SAMPLING_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
+#: Largest (rows, vocab) temporary :func:`sample_rows` builds at once (it samples row chunks of this size).
+CHUNK_BYTES = 32 * 1024 * 1024
+
 
 def check_generator(generator: GeneratorLike, batch_size: int) -> None:
     """Raise ``ValueError`` unless ``generator`` is None, a ``torch.Generator`` or one generator per row."""
@@ -64,18 +67,23 @@ def process_logits(
     Raises ``ValueError`` naming ``model_output`` on NaN or +inf logits, or a row with no allowed finite logit.
     Temperature 0 keeps only the arg-max (greedy).
     """
-    rows = rows.to(dtype)
-    if rows.numel() == 0:
-        return rows
-    if bool(torch.isnan(rows).any() | torch.isposinf(rows).any()):
+    converted = rows.to(dtype)
+    if converted.numel() == 0:
+        return converted
+    # One reduction instead of isnan/isposinf passes: amax propagates NaN, so it is < inf iff no NaN and no +inf.
+    if not bool(converted.amax() < math.inf):
         raise ValueError("`model_output` contains NaN or +inf logits at positions the step reads.")
     if forbidden_token_id is not None:
-        rows[:, forbidden_token_id] = -math.inf
+        if converted is rows:  # never write into the caller's tensor (packed logits already in `dtype`)
+            converted = converted.clone()
+        converted[:, forbidden_token_id] = -math.inf
+    rows = converted
     if temperature == 0:
+        # Greedy: the one-hot log-probabilities (0 at the arg-max, -inf elsewhere) are already normalised, and top-k /
+        # top-p keep the arg-max, so log_softmax and the filters would return them unchanged.
         greedy = torch.full_like(rows, -math.inf)
-        greedy.scatter_(1, rows.argmax(-1, keepdim=True), 0.0)
-        rows = greedy
-    elif temperature != 1.0:
+        return greedy.scatter_(1, rows.argmax(-1, keepdim=True), 0.0)
+    if temperature != 1.0:
         rows = rows / temperature
     if top_k is not None and top_k < rows.shape[-1]:
         kth = torch.topk(rows, top_k, dim=-1).values[:, -1:]
@@ -91,25 +99,76 @@ def process_logits(
     return log_probs
 
 
+def uniforms(
+    count: int,
+    counts: Optional[Sequence[int]],
+    generator: GeneratorLike,
+    device: torch.device,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """``count`` uniform numbers in ``[0, 1)``, one per row; with a list of generators, the ``counts[b]`` rows of
+    batch row ``b`` (in order) read ``generator[b]``."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.rand(count, generator=generator, device=device, dtype=dtype)
+    u = torch.empty(count, device=device, dtype=dtype)
+    start = 0
+    for g, n in zip(generator, counts):
+        u[start : start + n] = torch.rand(n, generator=g, device=device, dtype=dtype)
+        start += n
+    return u
+
+
+def inverse_cdf(log_probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Exact inverse-CDF draw from each row of (K, vocab) ``log_probs`` given one ``u ~ U[0, 1)`` per row.
+
+    The draw is the first token whose cumulative probability exceeds ``u * total``; a zero-probability token (the
+    mask, a filtered one) is never returned.
+    """
+    if log_probs.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=log_probs.device)
+    cdf = log_probs.exp().cumsum_(-1)  # non-decreasing: a zero-probability token repeats its predecessor's value
+    total = cdf[:, -1]
+    # target < total, so some cdf entry exceeds it; the first one that does has a positive probability
+    target = torch.minimum(u.to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1).clamp_(max=log_probs.shape[1] - 1)
+
+
 def draw_categorical(
     log_probs: torch.Tensor, counts: Optional[Sequence[int]], generator: GeneratorLike
 ) -> torch.Tensor:
     """One draw per row of (K, vocab) ``log_probs``; rows are grouped by batch row as ``counts`` says.
 
-    With a list of generators, the rows of batch row ``b`` (``counts[b]`` of them, in order) use ``generator[b]``.
+    Exact inverse-CDF sampling (:func:`inverse_cdf`) in the dtype of ``log_probs``, reading one uniform number per
+    row (``torch.multinomial`` draws one exponential number per vocabulary entry, which dominated the cost of a step
+    at a 32k vocabulary). With a list of generators, the rows of batch row ``b`` (``counts[b]`` of them, in order)
+    use ``generator[b]``.
     """
-    if log_probs.shape[0] == 0:
-        return torch.empty(0, dtype=torch.long, device=log_probs.device)
-    probs = log_probs.exp()
-    if not isinstance(generator, (list, tuple)):
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-    start = 0
-    for g, n in zip(generator, counts):
-        if n:
-            out[start : start + n] = torch.multinomial(probs[start : start + n], 1, generator=g).squeeze(-1)
-        start += n
-    return out
+    u = uniforms(log_probs.shape[0], counts, generator, log_probs.device, log_probs.dtype)
+    return inverse_cdf(log_probs, u)
+
+
+def _check_output(model_output: torch.Tensor, positions: torch.Tensor, vocab_size: Optional[int]) -> None:
+    if model_output.dim() == 3:
+        if model_output.shape[:2] != positions.shape:
+            raise ValueError(
+                f"`model_output` of shape {tuple(model_output.shape)} does not match `sample` of shape "
+                f"{tuple(positions.shape)}: expected (batch, length, vocab)."
+            )
+    elif model_output.dim() == 2:
+        count = int(positions.sum())
+        if model_output.shape[0] != count:
+            raise ValueError(
+                f"packed `model_output` has {model_output.shape[0]} rows but the step reads {count} positions; "
+                "pass full (batch, length, vocab) logits or the rows at `plan_step(...)` positions."
+            )
+    else:
+        raise ValueError(
+            f"`model_output` must be (batch, length, vocab) logits, got shape {tuple(model_output.shape)}."
+        )
+    if vocab_size is not None and model_output.shape[-1] != vocab_size:
+        raise ValueError(
+            f"`model_output` has {model_output.shape[-1]} logits per position but `vocab_size` is {vocab_size}."
+        )
 
 
 def rows_of(model_output: torch.Tensor, positions: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor:
@@ -118,25 +177,48 @@ def rows_of(model_output: torch.Tensor, positions: torch.Tensor, vocab_size: Opt
     ``model_output`` is either (batch, length, vocab) logits or the (K, vocab) rows at ``positions`` that a model
     called with ``logits_to_keep=positions`` returns.
     """
+    _check_output(model_output, positions, vocab_size)
+    return model_output[positions] if model_output.dim() == 3 else model_output
+
+
+def sample_rows(
+    model_output: torch.Tensor,
+    positions: torch.Tensor,
+    vocab_size: Optional[int],
+    generator: GeneratorLike,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    forbidden_token_id: Optional[int] = None,
+    dtype: torch.dtype = torch.float64,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> torch.Tensor:
+    """``draw_categorical(process_logits(rows_of(...)))`` at the True entries of ``positions``, in chunks of rows.
+
+    The same draws as the unchunked composition (one uniform per row, drawn up front in row-major order; every
+    operation is row-wise), but the (K, vocab) temporaries in ``dtype`` never exceed ``chunk_bytes`` each, and with
+    full (batch, length, vocab) logits the rows are gathered chunk by chunk, so the step's extra memory does not grow
+    with the number of positions it reads.
+    """
+    _check_output(model_output, positions, vocab_size)
+    multi = isinstance(generator, (list, tuple))
+    counts = positions.sum(1).tolist() if multi else None
+    device = model_output.device
     if model_output.dim() == 3:
-        if model_output.shape[:2] != positions.shape:
-            raise ValueError(
-                f"`model_output` of shape {tuple(model_output.shape)} does not match `sample` of shape "
-                f"{tuple(positions.shape)}: expected (batch, length, vocab)."
-            )
-        rows = model_output[positions]
-    elif model_output.dim() == 2:
-        count = int(positions.sum())
-        if model_output.shape[0] != count:
-            raise ValueError(
-                f"packed `model_output` has {model_output.shape[0]} rows but the step reads {count} positions; "
-                "pass full (batch, length, vocab) logits or the rows at `plan_step(...)` positions."
-            )
-        rows = model_output
+        index = positions.nonzero(as_tuple=True)
+        count = index[0].numel()
     else:
-        raise ValueError(
-            f"`model_output` must be (batch, length, vocab) logits, got shape {tuple(model_output.shape)}."
-        )
-    if vocab_size is not None and rows.shape[-1] != vocab_size:
-        raise ValueError(f"`model_output` has {rows.shape[-1]} logits per position but `vocab_size` is {vocab_size}.")
-    return rows
+        index, count = None, model_output.shape[0]
+    u = uniforms(count, counts, generator, device, dtype)
+    out = torch.empty(count, dtype=torch.long, device=device)
+    width = model_output.shape[-1] * torch.finfo(dtype).bits // 8
+    step = max(1, chunk_bytes // max(width, 1))
+    for start in range(0, count, step):
+        stop = min(start + step, count)
+        if index is None:
+            rows = model_output[start:stop]
+        else:
+            rows = model_output[index[0][start:stop], index[1][start:stop]]
+        log_probs = process_logits(rows, temperature, top_k, top_p, forbidden_token_id, dtype)
+        out[start:stop] = inverse_cdf(log_probs, u[start:stop])
+    return out

@@ -40,6 +40,7 @@ from .sampling import (
     process_logits,
     rand_at,
     rows_of,
+    sample_rows,
 )
 from .utils import OurSchedulerMixin, validate_sampling_args
 
@@ -224,18 +225,26 @@ class DiscreteFlowScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixin):
             plan = self._plan
         self._plan = None
         c = self.config
-        rows = rows_of(model_output, plan.needs_logits, c.vocab_size)
-        log_probs = process_logits(
-            rows, c.temperature, c.top_k, c.top_p, c.mask_token_id, SAMPLING_DTYPES[c.sampling_dtype]
-        )
-        multi = isinstance(generator, (list, tuple))
+        dtype = SAMPLING_DTYPES[c.sampling_dtype]
         new = sample.clone()
         if c.source_distribution == "mask":
-            counts = plan.forward.sum(1).tolist() if multi else None
-            new[plan.forward] = draw_categorical(log_probs, counts, generator)
+            # mask source: the positions that read logits are exactly the forward jumps; sample them chunk by chunk
+            new[plan.forward] = sample_rows(
+                model_output,
+                plan.forward,
+                c.vocab_size,
+                generator,
+                temperature=c.temperature,
+                top_k=c.top_k,
+                top_p=c.top_p,
+                forbidden_token_id=c.mask_token_id,
+                dtype=dtype,
+            )
             x1_hat = new.clone() if return_dict else None
             new[plan.backward] = c.mask_token_id
         else:
+            rows = rows_of(model_output, plan.needs_logits, c.vocab_size)
+            log_probs = process_logits(rows, c.temperature, c.top_k, c.top_p, c.mask_token_id, dtype)
             new = self._uniform_update(new, plan, log_probs, generator)
             x1_hat = None
         self._step_index = plan.step_index + 1
