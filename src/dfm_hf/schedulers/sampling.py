@@ -60,8 +60,11 @@ def process_logits(
     top_p: Optional[float] = None,
     forbidden_token_id: Optional[int] = None,
     dtype: torch.dtype = torch.float64,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """Validate (K, vocab) logit rows and return log-probabilities after temperature, top-k and top-p.
+
+    ``normalize=False`` returns the validated logits (forbidden token at ``-inf``) without any further processing.
 
     ``log p = log_softmax(filter(logits / temperature))``; ``forbidden_token_id`` (the mask token) gets probability 0.
     Raises ``ValueError`` naming ``model_output`` on NaN or +inf logits, or a row with no allowed finite logit.
@@ -78,6 +81,10 @@ def process_logits(
             converted = converted.clone()
         converted[:, forbidden_token_id] = -math.inf
     rows = converted
+    if not normalize:
+        if bool((rows.amax(-1) == -math.inf).any()):
+            raise ValueError("`model_output` has a row whose only finite logit is the mask token (nothing to draw).")
+        return rows
     if temperature == 0:
         # Greedy: the one-hot log-probabilities (0 at the arg-max, -inf elsewhere) are already normalised, and top-k /
         # top-p keep the arg-max, so log_softmax and the filters would return them unchanged.

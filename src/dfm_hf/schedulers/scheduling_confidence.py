@@ -120,15 +120,24 @@ class ConfidenceUnmaskingScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixi
         i = self._index_for(timestep)
         rows = rows_of(model_output, needs, c.vocab_size)
         dtype = SAMPLING_DTYPES[c.sampling_dtype]
-        plain = process_logits(rows, 1.0, None, None, c.mask_token_id, dtype)  # confidence: the model's own p_{1|t}
-        exact = c.temperature == 1.0 and c.top_k is None and c.top_p is None
-        log_probs = plain if exact else process_logits(rows, c.temperature, c.top_k, c.top_p, c.mask_token_id, dtype)
         multi = isinstance(generator, (list, tuple))
-        tokens = draw_categorical(log_probs, needs.sum(1).tolist() if multi else None, generator)
-        if c.remasking == "low_confidence":
-            conf_values = plain.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        if c.temperature == 0 and c.remasking == "low_confidence":
+            # greedy (LLaDA's default): the arg-max and its log-probability log p = x[token] - logsumexp(x), from one
+            # converted copy of the rows (no one-hot distribution is built)
+            x = process_logits(rows, 1.0, None, None, c.mask_token_id, dtype, normalize=False)
+            tokens = x.argmax(-1)
+            conf_values = x.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(x, dim=-1)
         else:
-            conf_values = rand_at(needs, generator, dtype=dtype).squeeze(-1)[needs]
+            plain = process_logits(rows, 1.0, None, None, c.mask_token_id, dtype)  # confidence: the model's p_{1|t}
+            exact = c.temperature == 1.0 and c.top_k is None and c.top_p is None
+            log_probs = (
+                plain if exact else process_logits(rows, c.temperature, c.top_k, c.top_p, c.mask_token_id, dtype)
+            )
+            tokens = draw_categorical(log_probs, needs.sum(1).tolist() if multi else None, generator)
+            if c.remasking == "low_confidence":
+                conf_values = plain.gather(1, tokens.unsqueeze(1)).squeeze(1)
+            else:
+                conf_values = rand_at(needs, generator, dtype=dtype).squeeze(-1)[needs]
         conf = torch.full(sample.shape, -float("inf"), dtype=dtype, device=sample.device)
         conf[needs] = conf_values
         remaining = self.num_inference_steps - i
