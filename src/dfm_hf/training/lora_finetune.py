@@ -137,7 +137,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     world = accelerator.num_processes
     optimizer, lr_sched = make_optimizer(trainable, args, world)
     collator = make_collator(scheduler, args, tokenizer)
-    plan = BatchPlan(len(train_rows), args.train_batch_size, args.gradient_accumulation_steps, world, args.seed)
+    plan = BatchPlan(
+        None if args.streaming else len(train_rows),
+        args.train_batch_size,
+        args.gradient_accumulation_steps,
+        world,
+        args.seed,
+    )
     log = make_logger(args.output_dir, main_proc)
     counts = {"trainable_parameters": sum(p.numel() for p in trainable)}
     counts["total_parameters"] = sum(p.numel() for p in peft_model.parameters())

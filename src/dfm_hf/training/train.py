@@ -262,7 +262,7 @@ def _config_signature(config: Any) -> dict[str, Any]:
 class BatchPlan:
     """Rows of each (step, micro-step, rank) as a pure function of the seed (see the module docstring)."""
 
-    def __init__(self, num_rows: int, batch_size: int, accumulation: int, world: int, seed: int) -> None:
+    def __init__(self, num_rows: Optional[int], batch_size: int, accumulation: int, world: int, seed: int) -> None:
         self.n, self.bs, self.acc, self.world, self.seed = num_rows, batch_size, accumulation, world, seed
         self._perm_epoch, self._perm = -1, None
 
@@ -271,6 +271,8 @@ class BatchPlan:
 
     def rows(self, step: int, micro: int, rank: int) -> list[int]:
         start = self.global_index(step, micro, rank) * self.bs
+        if self.n is None:  # a stream: positions in the (per-epoch shuffled) stream itself, see StreamedRows
+            return list(range(start, start + self.bs))
         out = []
         for pos in range(start, start + self.bs):
             epoch, offset = divmod(pos, self.n)
@@ -279,6 +281,46 @@ class BatchPlan:
                 self._perm_epoch = epoch
             out.append(int(self._perm[offset]))
         return out
+
+
+class StreamedRows:
+    """Packed rows of a streamed ``datasets.IterableDataset``, read lazily in stream order (``--streaming``).
+
+    Indexing takes increasing global row positions (what :class:`BatchPlan` gives a process); the stream is shuffled
+    with a buffer per epoch (seed + epoch) and restarts when exhausted, so positions are a pure function of the seed
+    and a resumed run skips ahead to the very rows the uninterrupted run would read. Memory: one buffer, not the corpus.
+    """
+
+    def __init__(self, ds: Any, seed: int, buffer_size: int = 1000) -> None:
+        self.ds, self.seed, self.buffer_size = ds, seed, buffer_size
+        self._iter: Any = None
+        self._next = 0  # global position of the next row the iterator yields
+
+    def _stream(self) -> Any:
+        import itertools
+
+        for epoch in itertools.count():
+            empty = True
+            for example in self.ds.shuffle(seed=self.seed * 1000 + epoch, buffer_size=self.buffer_size):
+                empty = False
+                yield example["input_ids"]
+            if empty:
+                raise ValueError("`--train_file`: the stream packs no row of `--seq_len` tokens.")
+
+    def __getitem__(self, positions: list[int]) -> torch.Tensor:
+        out = []
+        for pos in positions:
+            if self._iter is None or pos < self._next:
+                self._iter, self._next = self._stream(), 0
+            while self._next < pos:
+                next(self._iter)
+                self._next += 1
+            out.append(next(self._iter))
+            self._next += 1
+        return torch.tensor(out, dtype=torch.long)
+
+    def __len__(self) -> int:
+        raise TypeError("a streamed dataset has no length")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -314,6 +356,18 @@ def load_rows(
     """Tokenize and pack the files into ``(rows, --seq_len)`` LongTensors; ``ValueError`` if a split packs no row."""
     from ..data.corpus import load_text_dataset, pack_dataset
 
+    if args.streaming:
+        stream = pack_dataset(load_text_dataset(train_files, args.text_column, streaming=True), tokenizer,
+                              args.seq_len, args.text_column)  # fmt: skip
+        if next(iter(stream), None) is None:
+            raise ValueError(f"`--train_file`: the data holds fewer than `--seq_len`={args.seq_len} tokens.")
+        val_rows = None
+        if val_files:
+            val_ds = pack_dataset(
+                load_text_dataset(val_files, args.text_column), tokenizer, args.seq_len, args.text_column
+            )
+            val_rows = torch.tensor(val_ds["input_ids"], dtype=torch.long) if len(val_ds) else None
+        return StreamedRows(stream, args.seed), val_rows
     with accelerator.main_process_first():
         train_ds = pack_dataset(
             load_text_dataset(train_files, args.text_column),
@@ -474,7 +528,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     optimizer, lr_sched = make_optimizer(model.parameters(), args, world)
     model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
     collator = make_collator(scheduler, args, tokenizer)
-    plan = BatchPlan(len(train_rows), args.train_batch_size, args.gradient_accumulation_steps, world, args.seed)
+    plan = BatchPlan(
+        None if args.streaming else len(train_rows),
+        args.train_batch_size,
+        args.gradient_accumulation_steps,
+        world,
+        args.seed,
+    )
 
     start_step = 0
     if resume:
