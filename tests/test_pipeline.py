@@ -47,6 +47,8 @@ def test_load_with_dtype(pipe, tmp_path):
     assert half.model.dtype == torch.bfloat16
     out = half(gen_length=8, num_inference_steps=4, generator=gen(0), output_type="pt")
     assert out.sequences.shape == (1, 8)
+    mapped = DFMPipeline.from_pretrained(tmp_path, device_map="cpu")
+    assert mapped.model.device.type == "cpu" and mapped.hf_device_map == "cpu"
 
 
 def test_infilling_keeps_every_given_token(pipe):
