@@ -1,4 +1,4 @@
-"""Write the bundled model's card from its training log: python examples/write_bundled_card.py [EVAL_MD]."""
+"""Write the bundled model's card from its training log: python examples/write_bundled_card.py docs/bundled_card_evaluation.md."""
 
 import json
 import sys
@@ -30,7 +30,7 @@ which runs:
   are held out for validation and never trained on.
 - **Tokenizer**: a byte-level BPE with 4096 tokens (`<|pad|>` 0, `<|endoftext|>` 1, `<|mask|>` 2) trained on the
   training files by the same script.
-- **Model**: `DFMForMaskedGeneration`, hidden 256, 4 layers, 4 heads, MLP 704, rotary, tied head, 5.3M parameters,
+- **Model**: `DFMForMaskedGeneration`, hidden 256, 4 layers, 4 heads, MLP 704, rotary, tied head, 4.3M parameters (tied head counted once),
   `time_conditioning=False` (the mask-source posterior does not depend on t, so exact step skipping applies).
 - **Path and loss**: mask source, linear kappa, cross-entropy on the masked positions; couplings: 20% unconditional,
   40% prefix (a random-length prompt kept clean), 40% infilling (1-3 masked spans inside clean context).
@@ -52,7 +52,7 @@ evaluation = f"""Measured on the held-out standard-library files at step {final[
 Samples logged at the end of training (unconditional, 64 tokens, 64 steps, linear kappa):
 
 """ + "\n\n".join("```\n" + s + "\n```" for s in final["samples"])
-limitations = """This is a 5.3M-parameter model trained for 80 CPU-minutes on ~5M tokens: it has learned the surface
+limitations = """This is a 4.3M-parameter model trained for 80 CPU-minutes on ~5M tokens: it has learned the surface
 statistics of Python (indentation, keywords, identifiers, common names) but not syntax or semantics. Completions and
 infills are code-flavoured text, rarely valid Python, and never correct programs; its perplexity bound (above) is far
 from a useful code model's. It exists so that `dfm-hf generate` does something real offline and so the whole
