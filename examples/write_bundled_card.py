@@ -1,4 +1,7 @@
-"""Write the bundled model's card from its training log: python examples/write_bundled_card.py docs/bundled_card_evaluation.md."""
+"""Write the bundled model's card from its training log.
+
+Usage: python examples/write_bundled_card.py docs/bundled_card_evaluation.md
+"""
 
 import json
 import sys
@@ -30,7 +33,8 @@ which runs:
   are held out for validation and never trained on.
 - **Tokenizer**: a byte-level BPE with 4096 tokens (`<|pad|>` 0, `<|endoftext|>` 1, `<|mask|>` 2) trained on the
   training files by the same script.
-- **Model**: `DFMForMaskedGeneration`, hidden 256, 4 layers, 4 heads, MLP 704, rotary, tied head, 4.3M parameters (tied head counted once),
+- **Model**: `DFMForMaskedGeneration`, hidden 256, 4 layers, 4 heads, MLP 704, rotary, tied head,
+  4.3M parameters (tied head counted once),
   `time_conditioning=False` (the mask-source posterior does not depend on t, so exact step skipping applies).
 - **Path and loss**: mask source, linear kappa, cross-entropy on the masked positions; couplings: 20% unconditional,
   40% prefix (a random-length prompt kept clean), 40% infilling (1-3 masked spans inside clean context).
