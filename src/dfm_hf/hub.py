@@ -412,17 +412,13 @@ def push_lora_adapter(
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from .pipelines.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from .pipelines.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, local_adapter_files
 
     if not isinstance(base_model, str) or not base_model.strip() or os.path.isdir(base_model):
         raise ValueError(f"`base_model` must be the Hub repo id of the base pipeline, got {base_model!r}.")
-    config_file, weights_file = os.path.join(adapter_dir, ADAPTER_CONFIG), os.path.join(adapter_dir, ADAPTER_WEIGHTS)
-    for f in (config_file, weights_file):
-        if not os.path.isfile(f):
-            raise ValueError(
-                f"`adapter_dir` {adapter_dir!r} has no {os.path.basename(f)} (save the adapter with peft's "
-                "`save_pretrained`, safetensors format)."
-            )
+    config_file, weights_file = local_adapter_files(
+        adapter_dir, "adapter_dir", "save the adapter with peft's `save_pretrained`, safetensors format"
+    )
     with open(config_file, encoding="utf-8") as f:
         config = json.load(f)
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":

@@ -25,7 +25,7 @@ KAPPA_SCHEDULES = ("polynomial", "cosine")
 
 def _as_tensor(t: TimeLike, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     if isinstance(t, torch.Tensor):
-        return t.to(dtype) if t.is_floating_point() and t.dtype == dtype else t.to(dtype)
+        return t.to(dtype)
     return torch.tensor(float(t), dtype=dtype)
 
 

@@ -32,16 +32,23 @@ def adapter_names(model: torch.nn.Module) -> list[str]:
     return list(getattr(model, "peft_config", {}) or {})
 
 
+def local_adapter_files(folder: str, argument: str, hint: str) -> tuple[str, str]:
+    """``(adapter_config.json, adapter_model.safetensors)`` paths of a local adapter folder; ``ValueError`` naming
+    ``argument`` (with ``hint``) when either file is missing."""
+    config, weights = os.path.join(folder, ADAPTER_CONFIG), os.path.join(folder, ADAPTER_WEIGHTS)
+    for f in (config, weights):
+        if not os.path.isfile(f):
+            raise ValueError(f"`{argument}` {folder!r} has no {os.path.basename(f)} ({hint}).")
+    return config, weights
+
+
 def _resolve_adapter_files(path_or_repo: str, **kwargs: Any) -> tuple[str, str]:
     if os.path.isdir(path_or_repo):
-        config, weights = os.path.join(path_or_repo, ADAPTER_CONFIG), os.path.join(path_or_repo, ADAPTER_WEIGHTS)
-        for f in (config, weights):
-            if not os.path.isfile(f):
-                raise ValueError(
-                    f"`pretrained_model_name_or_path` {path_or_repo!r} has no {os.path.basename(f)} "
-                    "(a PEFT LoRA adapter folder holds adapter_config.json and adapter_model.safetensors)."
-                )
-        return config, weights
+        return local_adapter_files(
+            path_or_repo,
+            "pretrained_model_name_or_path",
+            "a PEFT LoRA adapter folder holds adapter_config.json and adapter_model.safetensors",
+        )
     if path_or_repo.startswith(("/", ".", "~")) or path_or_repo.count("/") > 1 or not path_or_repo.strip():
         raise ValueError(f"`pretrained_model_name_or_path` {path_or_repo!r} is neither a folder nor a Hub repo id.")
     from ..hub import download_snapshot
