@@ -126,6 +126,22 @@ def test_presets_load_by_subfolder_and_helper(pipe, tmp_path):
     out = p("x = [", gen_length=8, num_inference_steps=16, generator=gen(0), output_type="pt")
     assert (out.sequences != p.tokenizer.mask_token_id).all()
     assert isinstance(p.load_scheduler_preset("confidence"), ConfidenceUnmaskingScheduler)
+    blocks = p.load_scheduler_preset("confidence-blocks")
+    assert blocks.config.block_length == 32
+    seen = []
+
+    def record(pipe, i, t, kw):
+        seen.append((kw["sample"][0, -40:] == pipe.tokenizer.mask_token_id).tolist())
+        return {}
+
+    kw = dict(gen_length=40, num_inference_steps=8, output_type="pt", return_full_text=False)
+    fast = p(
+        "x = [", generator=gen(0), callback_on_step_end=record, callback_on_step_end_tensor_inputs=["sample"], **kw
+    )
+    slow = p("x = [", generator=gen(0), use_cache=False, use_logits_to_keep=False, **kw)
+    assert torch.equal(fast.sequences, slow.sequences) and (fast.sequences != p.tokenizer.mask_token_id).all()
+    # 2 blocks x 4 steps: the first block (32 tokens) is done after step 4, the second is untouched until then
+    assert not any(seen[3][:32]) and all(seen[3][32:]) and not any(seen[-1])
     with pytest.raises(ValueError, match="name"):
         p.load_scheduler_preset("nope")
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from dfm_hf.models import DFMConfig
 from dfm_hf.pipelines.presets import scheduler_from_config_file
-from dfm_hf.schedulers import DiscreteFlowScheduler
+from dfm_hf.schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
 
 FUZZ_COUNTS: Counter = Counter()
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -85,6 +85,40 @@ def test_fuzz_scheduler_config_and_step(overrides, steps):
     assert x.dtype == torch.long and x.min() >= 0 and x.max() < vocab
     if c.mask_token_id is not None:
         assert not (x == c.mask_token_id).any()
+
+
+CONF_KEYS = ("mask_token_id", "vocab_size", "remasking", "temperature", "top_k", "top_p", "block_length")
+
+
+@FUZZ
+@given(
+    st.dictionaries(
+        st.sampled_from(CONF_KEYS),
+        st.one_of(weird, st.sampled_from(["low_confidence", "random"])),
+        max_size=4,
+    ),
+    st.integers(1, 9),
+    st.integers(0, 4),
+)
+def test_fuzz_confidence_scheduler(overrides, steps, prefix):
+    FUZZ_COUNTS["confidence scheduler config + step"] += 1
+    config = {"mask_token_id": 3, "vocab_size": 8, **overrides}
+    try:
+        sched = ConfidenceUnmaskingScheduler(**config)
+    except Exception as e:  # noqa: BLE001 - the property under test
+        _assert_named(e, CONF_KEYS)
+        return
+    sched.set_timesteps(steps)
+    c = sched.config
+    vocab = c.vocab_size or c.mask_token_id + 1
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((2, 7), c.mask_token_id)
+    x[:, :prefix] = 0
+    cond = torch.zeros_like(x, dtype=torch.bool)
+    cond[:, :prefix] = True
+    for t in sched.timesteps:
+        x = sched.step(torch.randn(2, 7, vocab, generator=g), t, x, generator=g, condition_mask=cond).prev_sample
+    assert not (x == c.mask_token_id).any() and x.max() < vocab
 
 
 MODEL_KEYS = (

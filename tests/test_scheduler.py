@@ -218,6 +218,99 @@ def test_confidence_scheduler_unmasks_most_confident_first():
     assert not (x == MASK).any()
 
 
+def _toy_denoiser(vocab: int, mask: int, seed: int = 0):
+    """A fixed, input-dependent logits function (B, L) -> (B, L, vocab); the mask token is never predicted."""
+    g = torch.Generator().manual_seed(seed)
+    emb, mix, pos = torch.randn(vocab, vocab, generator=g), torch.randn(vocab, vocab, generator=g), None
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        nonlocal pos
+        if pos is None or pos.shape[0] != x.shape[1]:
+            pos = torch.randn(x.shape[1], vocab, generator=torch.Generator().manual_seed(seed + 1))
+        onehot = torch.nn.functional.one_hot(x, vocab).float()
+        logits = emb[x] + (onehot.mean(1, keepdim=True) @ mix) * 4 + pos
+        logits[..., mask] = -1e9
+        return logits
+
+    return f
+
+
+def _llada_reference(model, prompt: torch.Tensor, gen: int, steps: int, block: int, mask: int) -> torch.Tensor:
+    """LLaDA's semi-autoregressive greedy low-confidence remasking, written from the paper's algorithm."""
+    x = torch.cat([prompt, torch.full((prompt.shape[0], gen), mask)], 1)
+    blocks, start0 = gen // block, prompt.shape[1]
+    per_block = steps // blocks
+    for b in range(blocks):
+        lo, hi = start0 + b * block, start0 + (b + 1) * block
+        m = (x[:, lo:hi] == mask).sum(1)
+        counts = [(m // per_block) + (j < m % per_block).long() for j in range(per_block)]  # even split, front-loaded
+        for j in range(per_block):
+            masked = x == mask
+            logits = model(x)
+            tokens = logits.argmax(-1)
+            conf = torch.softmax(logits.double(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            conf[:, hi:] = -float("inf")
+            conf = torch.where(masked, conf, torch.full_like(conf, -float("inf")))
+            for r in range(x.shape[0]):
+                top = conf[r].topk(int(counts[j][r])).indices
+                x[r, top] = tokens[r, top]
+    return x
+
+
+@pytest.mark.parametrize("gen, steps, block", [(16, 8, 4), (24, 6, 8), (12, 12, 12)])
+def test_confidence_blocks_match_llada_reference(gen, steps, block):
+    vocab, mask = 11, 10
+    model = _toy_denoiser(vocab, mask)
+    prompt = torch.randint(0, mask, (3, 5), generator=torch.Generator().manual_seed(1))
+    ref = _llada_reference(model, prompt, gen, steps, block, mask)
+    sched = ConfidenceUnmaskingScheduler(mask_token_id=mask, vocab_size=vocab, block_length=block)
+    sched.set_timesteps(steps)
+    x = torch.cat([prompt, torch.full((3, gen), mask)], 1)
+    cond = torch.zeros_like(x, dtype=torch.bool)
+    cond[:, :5] = True
+    for t in sched.timesteps:
+        needs = sched.plan_step(x, t, condition_mask=cond)
+        x = sched.step(model(x)[needs], t, x, condition_mask=cond).prev_sample  # packed rows, as the pipeline does
+    assert torch.equal(x, ref)
+
+
+def test_confidence_blocks_open_left_to_right_and_finish():
+    mask, vocab = 10, 11
+    model = _toy_denoiser(vocab, mask, seed=3)
+    for steps, block, gen in [(4, 4, 8), (3, 4, 32), (10, 4, 32), (7, 5, 13)]:
+        sched = ConfidenceUnmaskingScheduler(mask_token_id=mask, vocab_size=vocab, block_length=block)
+        sched.set_timesteps(steps)
+        x = torch.cat([torch.zeros(2, 3, dtype=torch.long), torch.full((2, gen), mask)], 1)
+        cond = torch.zeros_like(x, dtype=torch.bool)
+        cond[:, :3] = True
+        for t in sched.timesteps:
+            needs = sched.plan_step(x, t, condition_mask=cond)
+            assert not needs[:, :3].any()
+            for r in range(2):  # everything left of the first open position is committed (earlier blocks done)
+                if needs[r].any():
+                    first = int(needs[r].long().argmax())
+                    assert not (x[r, :first] == mask).any()
+            before = x.clone()
+            x = sched.step(model(x), t, x, condition_mask=cond).prev_sample
+            moved = x != before
+            assert bool((needs | ~moved).all()), "a position outside the open blocks moved"
+        assert not (x == mask).any(), (steps, block, gen)
+    # a block as long as the generation is the global (block-free) sampler
+    x0 = torch.full((2, 12), mask)
+    outs = []
+    for block in (None, 12, 50):
+        sched = ConfidenceUnmaskingScheduler(mask_token_id=mask, vocab_size=vocab, block_length=block)
+        sched.set_timesteps(5)
+        x = x0.clone()
+        for t in sched.timesteps:
+            x = sched.step(model(x), t, x).prev_sample
+        outs.append(x)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    for bad in (0, -3, 2.5, True, "32"):
+        with pytest.raises(ValueError, match="block_length"):
+            ConfidenceUnmaskingScheduler(mask_token_id=mask, block_length=bad)
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [

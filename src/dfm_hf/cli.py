@@ -32,7 +32,7 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--fill-length", type=int, default=12, help=f"tokens generated per {FILL_MARKER} marker")
     p.add_argument("--model", default=None, help="pipeline folder or Hub repo id (default: the bundled model)")
     p.add_argument("--revision", default=None)
-    p.add_argument("--scheduler-preset", default=None, help="e.g. linear-euler, cubic-euler, cubic-corrector")
+    p.add_argument("--scheduler-preset", default=None, help="e.g. cubic-euler, cubic-corrector, confidence-blocks")
     p.add_argument("--num-inference-steps", type=int, default=64)
     p.add_argument("--gen-length", type=int, default=None, help="tokens appended (default 64; 0 with --infill)")
     p.add_argument("--seed", type=int, default=0)

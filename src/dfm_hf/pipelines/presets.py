@@ -33,6 +33,11 @@ PRESET_SPECS: dict[str, tuple[type, dict[str, Any], str]] = {
         dict(remasking="low_confidence", temperature=0.0),
         "MaskGIT/LLaDA low-confidence unmasking, greedy: the baseline the paper compares against.",
     ),
+    "confidence-blocks": (
+        ConfidenceUnmaskingScheduler,
+        dict(remasking="low_confidence", temperature=0.0, block_length=32),
+        "LLaDA's semi-autoregressive greedy unmasking in blocks of 32: reads logits in the open block only (fast).",
+    ),
 }
 
 

@@ -6,6 +6,12 @@ The baseline the DFM paper compares against, with the same pipeline contract as 
 ``x^j ~ p_{1|t}`` (after temperature / top-k / top-p) is drawn at every masked position, and the ``k`` positions with
 the highest confidence ``p_{1|t}(x^j)`` (or a random order with ``remasking="random"``) keep it; the others stay
 masked. It is not a sampler of the model's distribution in the limit: it is the greedy-ordering heuristic.
+
+With ``block_length = L`` (LLaDA's semi-autoregressive blocks) a row's generated (non-conditioning) positions are cut,
+left to right, into ``B = ceil(free / L)`` blocks and only the open blocks are ranked and read: after step ``i`` the
+first ``w_i = ceil((i + 1) B / N)`` blocks are open and must be complete by step ``floor(w_i N / B) - 1``, so step
+``i`` commits ``k = ceil(m_w / (floor(w_i N / B) - i))`` of the ``m_w`` masked positions of the open blocks. With
+``N`` a multiple of ``B`` each block gets ``N / B`` steps (LLaDA's schedule); the last step commits every block.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ class ConfidenceUnmaskingScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixi
     """Confidence-ordered unmasking for the mask source (MaskGIT / LLaDA low-confidence remasking).
 
     Config: ``mask_token_id`` (required), ``vocab_size``, ``remasking`` (``"low_confidence"`` | ``"random"``),
-    ``temperature`` (0 = greedy, LLaDA's default), ``top_k``, ``top_p``, ``sampling_dtype``.
+    ``temperature`` (0 = greedy, LLaDA's default), ``top_k``, ``top_p``, ``sampling_dtype``, ``block_length``
+    (None: rank every masked position; an integer: semi-autoregressive blocks, see the module docstring).
     """
 
     order = 1
@@ -62,6 +69,7 @@ class ConfidenceUnmaskingScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixi
         top_p: Optional[float] = None,
         sampling_dtype: str = "float64",
         source_distribution: str = "mask",
+        block_length: Optional[int] = None,
     ) -> None:
         if source_distribution != "mask":
             raise ValueError(
@@ -73,6 +81,10 @@ class ConfidenceUnmaskingScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixi
         validate_sampling_args(temperature, top_k, top_p)
         if sampling_dtype not in SAMPLING_DTYPES:
             raise ValueError(f"`sampling_dtype` must be one of {list(SAMPLING_DTYPES)}, got {sampling_dtype!r}.")
+        if block_length is not None and (
+            isinstance(block_length, bool) or not isinstance(block_length, int) or not 1 <= block_length <= 1_000_000
+        ):
+            raise ValueError(f"`block_length` must be None or an integer in [1, 1000000], got {block_length!r}.")
         self.timesteps: Optional[torch.Tensor] = None
         self.num_inference_steps: Optional[int] = None
         self._times: list[float] = []
@@ -96,14 +108,31 @@ class ConfidenceUnmaskingScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixi
         generator: GeneratorLike = None,
         condition_mask: Optional[torch.Tensor] = None,
     ) -> torch.BoolTensor:
-        """Positions whose logits the step reads: every masked position that is not conditioning."""
+        """Positions whose logits the step reads: every masked non-conditioning position (of the open blocks)."""
+        return self._plan(sample, timestep, generator, condition_mask)[0]
+
+    def _plan(
+        self,
+        sample: torch.LongTensor,
+        timestep: Union[float, torch.Tensor],
+        generator: GeneratorLike,
+        condition_mask: Optional[torch.Tensor],
+    ) -> tuple[torch.BoolTensor, torch.LongTensor]:
+        """``(needs, steps_left)``: positions to rank and, per row, the steps left to commit all of them."""
         self._check_sample(sample, condition_mask)
         check_generator(generator, sample.shape[0])
-        self._index_for(timestep)
-        needs = sample == self.config.mask_token_id
-        if condition_mask is not None:
-            needs &= ~condition_mask.bool()
-        return needs
+        i = self._index_for(timestep)
+        n = self.num_inference_steps
+        free = torch.ones_like(sample, dtype=torch.bool) if condition_mask is None else ~condition_mask.bool()
+        needs = (sample == self.config.mask_token_id) & free
+        length = self.config.block_length
+        if length is None:
+            return needs, torch.full((sample.shape[0],), n - i, dtype=torch.long, device=sample.device)
+        block = (free.cumsum(1) - 1) // length  # block index of each free position, counted from the left
+        blocks = (free.sum(1) + length - 1) // length
+        open_blocks = ((i + 1) * blocks + n - 1) // n
+        steps_left = torch.where(blocks > 0, open_blocks * n // blocks.clamp(min=1) - i, 1)
+        return needs & (block < open_blocks.unsqueeze(1)), steps_left
 
     def step(
         self,
@@ -116,7 +145,7 @@ class ConfidenceUnmaskingScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixi
     ) -> Union[ConfidenceUnmaskingSchedulerOutput, tuple]:
         """Commit the ``k`` most confident draws per row; ``model_output`` is full or packed logits (see plan_step)."""
         c = self.config
-        needs = self.plan_step(sample, timestep, generator, condition_mask)
+        needs, steps_left = self._plan(sample, timestep, generator, condition_mask)
         i = self._index_for(timestep)
         rows = rows_of(model_output, needs, c.vocab_size)
         dtype = SAMPLING_DTYPES[c.sampling_dtype]
@@ -140,8 +169,7 @@ class ConfidenceUnmaskingScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixi
                 conf_values = rand_at(needs, generator, dtype=dtype).squeeze(-1)[needs]
         conf = torch.full(sample.shape, -float("inf"), dtype=dtype, device=sample.device)
         conf[needs] = conf_values
-        remaining = self.num_inference_steps - i
-        k = (needs.sum(1) + remaining - 1) // remaining
+        k = (needs.sum(1) + steps_left - 1) // steps_left
         order = conf.argsort(dim=1, descending=True, stable=True)
         ranks = torch.empty_like(order).scatter_(
             1, order, torch.arange(sample.shape[1], device=sample.device).expand_as(order)
