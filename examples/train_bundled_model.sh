@@ -2,6 +2,7 @@
 # Reproduce the bundled model (src/dfm_hf/bundled/dfm-code-stdlib) on a 2-core CPU.
 # Data: this interpreter's standard library sources (no test folders), 5% of files held out by path hash.
 # Constant learning rate after warmup, so a run cut by --max_train_minutes equals a run of that many steps.
+# The bundled model: MAX_STEPS=13358 MAX_MINUTES=100000 (it was trained in two invocations, the second resumed).
 set -euo pipefail
 OUT=${1:-runs/dfm-code-stdlib}
 python examples/train_dfm.py \

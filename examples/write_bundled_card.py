@@ -15,11 +15,15 @@ train = [r for r in records if "loss" in r and "val_loss" not in r]
 evaluation_extra = open(sys.argv[1]).read() if len(sys.argv) > 1 else "Infilling exact match: not measured yet."
 command = open("examples/train_bundled_model.sh").read().split("set -euo pipefail\n", 1)[1].strip()
 tokens_m = final["step"] * 16 * 128 / 1e6
-minutes = train[-1]["elapsed_s"] / 60
+# elapsed_s restarts at each (resumed) invocation: add up the last value of each segment
+segments = [a["elapsed_s"] for a, b in zip(train, train[1:]) if b["elapsed_s"] < a["elapsed_s"]] + [
+    train[-1]["elapsed_s"]
+]
+minutes = sum(segments) / 60
 training = f"""Trained by our own script, reproducible on a 2-core CPU with:
 
 ```bash
-MAX_STEPS=2425 MAX_MINUTES=100000 bash examples/train_bundled_model.sh runs/dfm-code-stdlib
+MAX_STEPS={final["step"]} MAX_MINUTES=100000 bash examples/train_bundled_model.sh runs/dfm-code-stdlib
 ```
 
 which runs:
@@ -40,8 +44,10 @@ which runs:
   40% prefix (a random-length prompt kept clean), 40% infilling (1-3 masked spans inside clean context).
 - **Optimisation**: AdamW (0.9, 0.95), lr 2e-3 constant after 100 warmup steps (so a run cut by wall time equals a
   run of that many steps), batch 16 x 128 tokens, seed 0.
-- **Steps and time**: {final["step"]} steps (~{tokens_m:.1f}M tokens), {minutes:.0f} minutes of
-  training on a 2-core CPU that was shared with other jobs (the run was capped by `--max_train_minutes 80`).
+- **Steps and time**: {final["step"]} steps (~{tokens_m:.1f}M tokens), {minutes:.0f} minutes of training on a 2-core
+  CPU in {len(segments)} invocations (the first capped by `--max_train_minutes 80` on a box shared with other jobs, the
+  next resumed with `--resume_from_checkpoint latest` on a quiet one; resuming is exact, so this equals one run of
+  that many steps).
 """
 evaluation = f"""Measured on the held-out standard-library files at step {final["step"]}:
 
@@ -56,12 +62,12 @@ evaluation = f"""Measured on the held-out standard-library files at step {final[
 Samples logged at the end of training (unconditional, 64 tokens, 64 steps, linear kappa):
 
 """ + "\n\n".join("```\n" + s + "\n```" for s in final["samples"])
-limitations = """This is a 4.3M-parameter model trained for 80 CPU-minutes on ~5M tokens: it has learned the surface
-statistics of Python (indentation, keywords, identifiers, common names) but not syntax or semantics. Completions and
-infills are code-flavoured text, rarely valid Python, and never correct programs; its perplexity bound (above) is far
-from a useful code model's. It exists so that `dfm-hf generate` does something real offline and so the whole
-pipeline (training, sampling, presets, caching, infilling) is exercised end to end. Train a larger model with
-`examples/train_dfm.py` (e.g. `--model_config base` on a GPU) for useful output."""
+limitations = f"""This is a 4.3M-parameter model trained for {minutes:.0f} CPU-minutes on ~{tokens_m:.0f}M tokens: it
+has learned the surface statistics of Python (indentation, keywords, identifiers, common names) but not reliable
+syntax or semantics. Completions and infills are code-flavoured text, rarely valid Python, and not correct programs;
+its perplexity bound (above) is far from a useful code model's. It exists so that `dfm-hf generate` does something
+real offline and so the whole pipeline (training, sampling, presets, caching, infilling) is exercised end to end.
+Train a larger model with `examples/train_dfm.py` (e.g. `--model_config base` on a GPU) for useful output."""
 card = render_pipeline_card(
     "dfm-code-stdlib",
     metrics={k: final[k] for k in ("val_loss", "elbo_per_token", "ppl_bound")},
