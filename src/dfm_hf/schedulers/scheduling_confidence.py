@@ -117,8 +117,9 @@ class ConfidenceUnmaskingScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixi
         timestep: Union[float, torch.Tensor],
         generator: GeneratorLike,
         condition_mask: Optional[torch.Tensor],
-    ) -> tuple[torch.BoolTensor, torch.LongTensor]:
-        """``(needs, steps_left)``: positions to rank and, per row, the steps left to commit all of them."""
+    ) -> tuple[torch.BoolTensor, Union[int, torch.LongTensor], int]:
+        """``(needs, steps_left, i)``: positions to rank, the steps left (per row with blocks) to commit all of them,
+        and the grid index of ``timestep``."""
         self._check_sample(sample, condition_mask)
         check_generator(generator, sample.shape[0])
         i = self._index_for(timestep)
@@ -127,12 +128,12 @@ class ConfidenceUnmaskingScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixi
         needs = (sample == self.config.mask_token_id) & free
         length = self.config.block_length
         if length is None:
-            return needs, torch.full((sample.shape[0],), n - i, dtype=torch.long, device=sample.device)
+            return needs, n - i, i
         block = (free.cumsum(1) - 1) // length  # block index of each free position, counted from the left
         blocks = (free.sum(1) + length - 1) // length
         open_blocks = ((i + 1) * blocks + n - 1) // n
         steps_left = torch.where(blocks > 0, open_blocks * n // blocks.clamp(min=1) - i, 1)
-        return needs & (block < open_blocks.unsqueeze(1)), steps_left
+        return needs & (block < open_blocks.unsqueeze(1)), steps_left, i
 
     def step(
         self,
@@ -145,8 +146,7 @@ class ConfidenceUnmaskingScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixi
     ) -> Union[ConfidenceUnmaskingSchedulerOutput, tuple]:
         """Commit the ``k`` most confident draws per row; ``model_output`` is full or packed logits (see plan_step)."""
         c = self.config
-        needs, steps_left = self._plan(sample, timestep, generator, condition_mask)
-        i = self._index_for(timestep)
+        needs, steps_left, i = self._plan(sample, timestep, generator, condition_mask)
         rows = rows_of(model_output, needs, c.vocab_size)
         dtype = SAMPLING_DTYPES[c.sampling_dtype]
         multi = isinstance(generator, (list, tuple))
