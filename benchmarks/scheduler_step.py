@@ -84,12 +84,12 @@ def ours_plan_packed(inputs: dict[str, Any], device: str, seed: int) -> Callable
     gen = torch.Generator(device)
     sample = inputs["sample"]
     gen.manual_seed(seed)
-    packed = inputs["logits"][sched.plan_step(sample, t, gen)]
+    packed = inputs["logits"][sched.plan_step(sample, t, gen).positions]
 
     def run() -> torch.Tensor:
         gen.manual_seed(seed)  # same plan every call, so the packed rows match it
-        sched.plan_step(sample, t, gen)
-        return sched.step(packed, t, sample, generator=gen).prev_sample
+        plan = sched.plan_step(sample, t, gen)
+        return sched.step(packed, t, sample, generator=gen, plan=plan).prev_sample
 
     return run
 

@@ -82,7 +82,7 @@ def test_batch_invariance_with_per_row_generators(pipe):
 def test_cached_equals_uncached_with_fewer_nfe(pipe):
     kwargs = dict(gen_length=16, num_inference_steps=64, generator=None, output_type="pt")
     cached = pipe("def g():", **{**kwargs, "generator": gen(3)})
-    full = pipe("def g():", use_cache=False, **{**kwargs, "generator": gen(3)})
+    full = pipe("def g():", skip_idle_steps=False, **{**kwargs, "generator": gen(3)})
     no_keep = pipe("def g():", use_logits_to_keep=False, **{**kwargs, "generator": gen(3)})
     assert torch.equal(cached.sequences, full.sequences) and torch.equal(cached.sequences, no_keep.sequences)
     assert full.nfe == 64
@@ -92,7 +92,7 @@ def test_cached_equals_uncached_with_fewer_nfe(pipe):
 def test_time_conditioned_model_is_also_exact_when_skipping():
     pipe = tiny_pipeline(time_conditioning=True)
     cached = pipe("a = ", gen_length=8, num_inference_steps=32, generator=gen(1), output_type="pt")
-    full = pipe("a = ", gen_length=8, num_inference_steps=32, generator=gen(1), output_type="pt", use_cache=False)
+    full = pipe("a = ", gen_length=8, num_inference_steps=32, generator=gen(1), output_type="pt", skip_idle_steps=False)
     assert torch.equal(cached.sequences, full.sequences) and cached.nfe < full.nfe
 
 
@@ -138,7 +138,7 @@ def test_presets_load_by_subfolder_and_helper(pipe, tmp_path):
     fast = p(
         "x = [", generator=gen(0), callback_on_step_end=record, callback_on_step_end_tensor_inputs=["sample"], **kw
     )
-    slow = p("x = [", generator=gen(0), use_cache=False, use_logits_to_keep=False, **kw)
+    slow = p("x = [", generator=gen(0), skip_idle_steps=False, use_logits_to_keep=False, **kw)
     assert torch.equal(fast.sequences, slow.sequences) and (fast.sequences != p.tokenizer.mask_token_id).all()
     # 2 blocks x 4 steps: the first block (32 tokens) is done after step 4, the second is untouched until then
     assert not any(seen[3][:32]) and all(seen[3][32:]) and not any(seen[-1])

@@ -97,6 +97,51 @@ def test_converges_to_target_with_exact_posterior(cfg):
     assert tv_one > tv_many + 0.03, (tv_one, tv_many)
 
 
+BLOCK_CASES = [
+    dict(block_length=2, kappa_schedule="polynomial", kappa_exponent=1.0),
+    dict(block_length=2, kappa_schedule="cosine", time_spacing="cosine"),
+    dict(block_length=2, kappa_schedule="polynomial", kappa_exponent=2.0, corrector_alpha=5.0),
+]
+
+
+@pytest.mark.parametrize("cfg", BLOCK_CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_block_wise_dfm_converges_to_the_target_block_by_block(cfg):
+    """Blocks [x0 x1] then [x2]: the first block's flow must reach the marginal of (x0, x1), the second the exact
+    conditional of x2 given them, so the joint is the target; with one step per block x0 and x1 are drawn
+    independently (the correlation is lost)."""
+    sched = DiscreteFlowScheduler(mask_token_id=MASK, vocab_size=V, **cfg)
+    batch = 20000
+    tv_many = tv_to_target(run_sampler(sched, 200, batch))
+    tv_one = tv_to_target(run_sampler(sched, 2, batch))
+    assert tv_many < 0.03, tv_many
+    assert tv_one > tv_many + 0.03, (tv_one, tv_many)
+
+
+def test_block_length_one_is_exact_autoregressive_sampling_and_later_blocks_wait():
+    sched = DiscreteFlowScheduler(mask_token_id=MASK, vocab_size=V, block_length=1)
+    assert tv_to_target(run_sampler(sched, 3, 20000)) < 0.02  # one step per token from its exact conditional
+    sched = DiscreteFlowScheduler(mask_token_id=MASK, vocab_size=V, block_length=2, corrector_alpha=5.0)
+    sched.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((256, N), MASK)
+    for i, t in enumerate(sched.timesteps):
+        plan = sched.plan_step(x, t, generator=g)
+        assert not plan.window[:, 2].any() if i < 5 else not plan.window[:, :2].any()
+        assert int(plan.window_index[0]) == (1 if i < 5 else 2)
+        logits = exact_posterior_logits(x, 0.5, "mask", sched.schedule)
+        x = sched.step(logits, t, x, generator=g, plan=plan).prev_sample
+        if i < 5:
+            assert (x[:, 2] == MASK).all()  # the second block waits masked
+        if i == 4:
+            assert not (x[:, :2] == MASK).any()  # the first block is done at its last step
+    assert not (x == MASK).any()
+
+
+def test_block_wise_dfm_refuses_the_uniform_source():
+    with pytest.raises(ValueError, match="block_length"):
+        DiscreteFlowScheduler(source_distribution="uniform", vocab_size=V, block_length=2)
+
+
 def test_few_steps_worse_than_many_monotone_trend():
     sched = DiscreteFlowScheduler(mask_token_id=MASK, vocab_size=V, source_distribution="uniform")
     tvs = [tv_to_target(run_sampler(sched, s, 20000, seed=1)) for s in (1, 4, 128)]
@@ -141,9 +186,37 @@ def test_plan_then_packed_logits_equals_full_logits():
     for t in sched.timesteps:
         logits = torch.randn(4, 12, V, generator=logits_g)
         x_full = sched.step(logits, t, x_full, generator=g1).prev_sample
-        needs = sched.plan_step(x_packed, t, generator=g2)
-        x_packed = sched.step(logits[needs], t, x_packed, generator=g2).prev_sample
+        plan = sched.plan_step(x_packed, t, generator=g2)
+        # the plan is explicit: a copy of the sample gets exactly the same step
+        x_packed = sched.step(logits[plan.positions], t, x_packed.clone(), generator=g2, plan=plan).prev_sample
     assert torch.equal(x_full, x_packed)
+
+
+@pytest.mark.parametrize("cls", ["flow", "confidence"])
+def test_step_plan_is_explicit_and_checked(cls):
+    if cls == "flow":
+        sched = DiscreteFlowScheduler(mask_token_id=MASK, vocab_size=V, corrector_alpha=1.0)
+    else:
+        sched = ConfidenceUnmaskingScheduler(mask_token_id=MASK, vocab_size=V, temperature=1.0)
+    sched.set_timesteps(4)
+    x = torch.full((3, 6), MASK)
+    t0, t1 = sched.timesteps[0], sched.timesteps[1]
+    plan = sched.plan_step(x, t0, generator=torch.Generator().manual_seed(0))
+    assert plan.positions.shape == x.shape and plan.positions.dtype == torch.bool and plan.step_index == 0
+    assert plan.counts == plan.positions.sum(1).tolist()
+    assert not hasattr(sched, "_plan")  # no hidden plan state on the scheduler
+    logits = torch.randn(3, 6, V, generator=torch.Generator().manual_seed(1))
+    a = sched.step(logits[plan.positions], t0, x.clone(), generator=torch.Generator().manual_seed(2), plan=plan)
+    b = sched.step(logits, t0, x, generator=torch.Generator().manual_seed(2), plan=plan)
+    assert torch.equal(a.prev_sample, b.prev_sample)
+    moved = a.prev_sample != x
+    assert bool((plan.positions | ~moved).all())  # only planned positions moved
+    with pytest.raises(ValueError, match="plan"):
+        sched.step(logits, t1, x, plan=plan)  # made for step 0
+    with pytest.raises(ValueError, match="plan"):
+        sched.step(logits[:2], t0, x[:2], plan=plan)
+    with pytest.raises(ValueError, match="plan"):
+        sched.step(logits, t0, x, plan=plan.positions)
 
 
 def test_per_row_generators_make_rows_independent_of_batch():
@@ -269,8 +342,8 @@ def test_confidence_blocks_match_llada_reference(gen, steps, block):
     cond = torch.zeros_like(x, dtype=torch.bool)
     cond[:, :5] = True
     for t in sched.timesteps:
-        needs = sched.plan_step(x, t, condition_mask=cond)
-        x = sched.step(model(x)[needs], t, x, condition_mask=cond).prev_sample  # packed rows, as the pipeline does
+        plan = sched.plan_step(x, t, condition_mask=cond)
+        x = sched.step(model(x)[plan.positions], t, x, condition_mask=cond, plan=plan).prev_sample  # packed rows
     assert torch.equal(x, ref)
 
 
@@ -284,7 +357,7 @@ def test_confidence_blocks_open_left_to_right_and_finish():
         cond = torch.zeros_like(x, dtype=torch.bool)
         cond[:, :3] = True
         for t in sched.timesteps:
-            needs = sched.plan_step(x, t, condition_mask=cond)
+            needs = sched.plan_step(x, t, condition_mask=cond).positions
             assert not needs[:, :3].any()
             for r in range(2):  # everything left of the first open position is committed (earlier blocks done)
                 if needs[r].any():

@@ -17,6 +17,8 @@ from typing import Optional, Union
 
 import torch
 
+from . import rng
+
 TimeLike = Union[float, torch.Tensor]
 
 SOURCE_DISTRIBUTIONS = ("mask", "uniform")
@@ -124,10 +126,13 @@ def sample_uniform_tokens(
     generator: Optional[torch.Generator] = None,
     device: Optional[torch.device] = None,
 ) -> torch.Tensor:
-    """I.i.d. uniform token ids in ``[0, vocab_size)`` that never equal ``mask_token_id`` (when one is given)."""
+    """I.i.d. uniform token ids in ``[0, vocab_size)`` that never equal ``mask_token_id`` (when one is given).
+
+    Drawn on ``generator``'s device and moved to ``device`` (see :mod:`dfm_hf.rng`).
+    """
     if mask_token_id is None:
-        return torch.randint(0, vocab_size, shape, generator=generator, device=device)
-    ids = torch.randint(0, vocab_size - 1, shape, generator=generator, device=device)
+        return rng.randint(vocab_size, shape, generator, device)
+    ids = rng.randint(vocab_size - 1, shape, generator, device)
     return ids + (ids >= mask_token_id).to(ids.dtype)
 
 
@@ -164,13 +169,13 @@ def sample_path(
 ) -> torch.Tensor:
     """Draw ``x_t ~ p_t(. | x0, x1)``: ``where(u < kappa_t, x1, x0)`` with ``u ~ U[0, 1)`` per token.
 
-    ``t`` is a scalar or one time per row. With a boolean ``condition_mask`` (C-coupling), the positions where it is
-    True hold ``x1`` at every ``t``.
+    ``t`` is a scalar or one time per row; ``u`` is drawn on ``generator``'s device. With a boolean
+    ``condition_mask`` (C-coupling), the positions where it is True hold ``x1`` at every ``t``.
     """
     if x0.shape != x1.shape:
         raise ValueError(f"`noise` must have the shape of `original_samples` {tuple(x1.shape)}, got {tuple(x0.shape)}.")
     kappa = schedule.kappa(_broadcast_time(t, x1))
-    u = torch.rand(x1.shape, generator=generator, device=x1.device, dtype=torch.float64)
+    u = rng.rand(x1.shape, generator, x1.device, torch.float64)
     keep = u < kappa
     if condition_mask is not None:
         keep = keep | condition_mask.to(torch.bool)

@@ -9,20 +9,25 @@ the last step, decode.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
+from ..rng import check_generator, uniform_tokens_at
 from ..schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
-from ..schedulers.sampling import check_generator
+from ..schedulers.utils import StepPlan, validate_num_inference_steps
 from . import lora as lora_utils
+from .kv_cache import BlockCacheState, keep_in_slice, query_positions, validate_kv_cache
 from .presets import default_scheduler_presets, load_presets_from_folder, save_presets
 
 OUTPUT_TYPES = ("text", "pt")
@@ -311,6 +316,16 @@ class DFMPipeline(DiffusionPipeline):
         return sample, condition, attention, generated
 
     # ------------------------------------------------------------------ call
+    @property
+    def num_timesteps(self) -> int:
+        """Steps of the current (or last) call (read by diffusers' ``PipelineCallback`` cut-offs)."""
+        return getattr(self, "_num_timesteps", 0)
+
+    @property
+    def guidance_scale(self) -> float:
+        """Classifier-free guidance scale of the current (or last) call; a callback may change it between steps."""
+        return getattr(self, "_guidance_scale", 1.0)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -328,33 +343,66 @@ class DFMPipeline(DiffusionPipeline):
         callback_on_step_end: Optional[Callable[..., dict]] = None,
         callback_on_step_end_tensor_inputs: Optional[list[str]] = None,
         return_full_text: bool = True,
-        use_cache: bool = True,
+        skip_idle_steps: bool = True,
         use_logits_to_keep: bool = True,
+        messages: Optional[Union[list[dict[str, str]], list[list[dict[str, str]]]]] = None,
+        guidance_scale: float = 1.0,
+        kv_cache: Optional[str] = None,
+        kv_cache_refresh_steps: Optional[int] = None,
+        use_cache: Optional[bool] = None,
     ) -> Union[DFMPipelineOutput, tuple]:
         """Generate.
 
         Args:
             prompt: a string or list of strings: a prefix to complete (``gen_length`` tokens are appended), and/or
-                code holding the tokenizer's mask token at the positions to infill. None: unconditional.
+                code holding the tokenizer's mask token at the positions to infill. None: unconditional. Raw text: no
+                chat template is applied (use ``messages``).
             input_ids: token ids instead of ``prompt`` (same layout rules).
             gen_length: tokens generated after the prompt (may be 0 when the prompt holds mask tokens).
-            num_inference_steps: scheduler steps; ``nfe`` in the output counts the model calls actually run.
+            num_inference_steps: scheduler steps (an upper bound on model calls); ``nfe`` counts the calls run.
             num_samples_per_prompt: rows per prompt.
             temperature, top_k, top_p: override the scheduler's values for this call.
-            generator: one ``torch.Generator`` or one per output row (then a row does not depend on the batch).
+            generator: one ``torch.Generator``, or one per output row. Row ``b`` of a list reads only
+                ``generator[b]``, so a batch with one generator per row gives, row for row, the solo calls made with
+                each row's generator; a single generator on one row is the same as a list of it. Draws are made on
+                the generator's device (a CPU generator drives a GPU run and gives the same tokens).
             output_type: ``"text"`` (sequences and texts) or ``"pt"`` (sequences only).
-            callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` after each step; it may
-                return a new ``"sample"``.
+            return_dict: a :class:`DFMPipelineOutput` (default) or the tuple ``(sequences, texts, nfe)``; either way
+                ``sequences`` is on the CPU.
+            callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` after each step, or a
+                diffusers ``PipelineCallback`` / ``MultiPipelineCallbacks`` (their ``tensor_inputs`` are used); it
+                may return a new ``"sample"``.
+            callback_on_step_end_tensor_inputs: names from ``_callback_tensor_inputs`` passed to a plain callback.
             return_full_text: False returns only the generated positions.
-            use_cache: skip the model at steps (and rows) where no position can move (exact). False runs the full
-                model at every step, as a reference.
+            skip_idle_steps: skip the model at steps (and rows) where no position can move (exact: those logits
+                would not be read). False runs the full model at every step, as a reference.
             use_logits_to_keep: compute the LM head only where the step reads logits.
+            messages: a chat conversation (list of ``{"role", "content"}``) or a list of them: the tokenizer's chat
+                template with the generation prompt is applied and the reply generated. Exclusive with ``prompt``.
+            guidance_scale: classifier-free guidance ``logits = uncond + guidance_scale * (cond - uncond)``
+                (diffusers' convention; 1.0 = off; LLaDA's ``cfg_scale`` is ``guidance_scale - 1``). The
+                unconditional branch is the same rows with every conditioning token (prompt, infill context) replaced
+                by the mask token; both branches run in one batched forward.
+            kv_cache: ``None`` (exact), ``"prefix"`` or ``"dual"``: the approximate key/value cache of block
+                schedulers (see :mod:`dfm_hf.pipelines.kv_cache`): cached keys/values go stale within a block, so
+                it is an approximation; ``kv_cache=None`` is the exact path.
+            kv_cache_refresh_steps: with ``kv_cache``, also recompute the cache every ``k`` steps inside a block
+                (default: only when a block opens). ``1`` recomputes it every step (exact up to rounding).
+            use_cache: deprecated alias of ``skip_idle_steps``.
         """
+        if use_cache is not None:
+            _warn_use_cache()
+            skip_idle_steps = bool(use_cache)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}.")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        tensor_inputs = callback_on_step_end_tensor_inputs or []
+        validate_num_inference_steps(num_inference_steps)
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+            raise ValueError(f"`guidance_scale` must be a finite number (1.0 = off), got {guidance_scale!r}.")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"`guidance_scale` must be a finite number (1.0 = off), got {guidance_scale!r}.")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        tensor_inputs = list(callback_on_step_end_tensor_inputs or [])
         bad = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(
@@ -363,55 +411,78 @@ class DFMPipeline(DiffusionPipeline):
         if output_type == "text" and self.tokenizer is None:
             raise ValueError("`output_type`='text' needs a `tokenizer` component; use output_type='pt'.")
         scheduler = self._scheduler_for_call(temperature, top_k, top_p)
+        validate_kv_cache(kv_cache, kv_cache_refresh_steps, scheduler)
+        if messages is not None:
+            if prompt is not None or input_ids is not None:
+                raise ValueError("Pass `messages` or `prompt`/`input_ids`, not both.")
+            input_ids = self._chat_ids(messages)
         sample, condition, attention, generated = self.prepare_inputs(
             prompt, input_ids, gen_length, num_samples_per_prompt
         )
         check_generator(generator, sample.shape[0])
+        padded = not bool(attention.all())  # checked once per call, on the host tensors
         device = self._execution_device
-        sample, condition, attention = sample.to(device), condition.to(device), attention.to(device)
+        if scheduler.config.get("source_distribution", "mask") == "uniform":
+            # the source x0 of a uniform-source flow: i.i.d. tokens (never the mask) at the positions to generate
+            sample[generated] = uniform_tokens_at(
+                generated.sum(1).tolist(), self.model.config.vocab_size, scheduler.config.mask_token_id, generator, "cpu"
+            )
+        sample, condition = sample.to(device), condition.to(device)
+        attention = attention.to(device) if padded else None
         scheduler.set_timesteps(num_inference_steps, device=device)
-        time_conditioned = bool(getattr(self.model.config, "time_conditioning", False))
-        nfe = 0
+        self._num_timesteps = num_inference_steps
+        self._guidance_scale = float(guidance_scale)
+        drop = condition & attention.bool() if padded else condition  # given tokens: masked when unconditional
+        runner = _ModelRunner(self, attention, drop, skip_idle_steps, use_logits_to_keep)
+        kv_state = BlockCacheState(kv_cache, kv_cache_refresh_steps) if kv_cache else None
         for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
-            needs = scheduler.plan_step(sample, t, generator, condition)
-            if use_cache:
-                rows = needs.any(1)
-                if not bool(rows.any()):
-                    logits = sample.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
-                else:
-                    all_rows = bool(rows.all())
-                    sel = slice(None) if all_rows else rows
-                    logits = self.model(
-                        input_ids=sample[sel],
-                        timesteps=t.expand(int(rows.sum())) if time_conditioned else None,
-                        attention_mask=attention[sel],
-                        logits_to_keep=needs[sel] if use_logits_to_keep else None,
-                    ).logits
-                    if not use_logits_to_keep:
-                        logits = logits[needs[sel]]
-                    nfe += 1
+            plan = scheduler.plan_step(sample, t, generator=generator, condition_mask=condition)
+            if kv_state is not None:
+                logits = runner.cached_logits(sample, plan, kv_state)
             else:
-                logits = self.model(
-                    input_ids=sample,
-                    timesteps=t.expand(sample.shape[0]) if time_conditioned else None,
-                    attention_mask=attention,
-                ).logits
-                nfe += 1
-            sample = scheduler.step(logits, t, sample, generator=generator, condition_mask=condition).prev_sample
+                logits = runner.logits(sample, plan)
+            sample = scheduler.step(
+                logits, t, sample, generator=generator, condition_mask=condition, plan=plan
+            ).prev_sample
             del logits  # release this step's logits now: otherwise they stay alive through the next forward pass
             if callback_on_step_end is not None:
                 local = {"sample": sample, "condition_mask": condition}
                 out = callback_on_step_end(self, i, t, {k: local[k] for k in tensor_inputs}) or {}
                 sample = out.get("sample", sample)
-        texts = None
-        keep = attention.bool() if return_full_text else generated.to(device)
+        keep = (attention.bool() if padded else torch.ones_like(condition)) if return_full_text else generated
+        sample, keep, generated = sample.cpu(), keep.cpu(), generated.cpu()
         sequences = _pack_rows(sample, keep, self._pad_id())
-        if output_type == "text":
-            texts = self._decode(sample, keep, generated.to(device))
+        texts = self._decode(sample, keep, generated) if output_type == "text" else None
         self.maybe_free_model_hooks()
         if not return_dict:
-            return (sequences, texts, nfe)
-        return DFMPipelineOutput(sequences=sequences.cpu(), texts=texts, nfe=nfe)
+            return (sequences, texts, runner.nfe)
+        return DFMPipelineOutput(sequences=sequences, texts=texts, nfe=runner.nfe)
+
+    def _chat_ids(self, messages: Any) -> list[list[int]]:
+        """Token ids of each conversation with the tokenizer's chat template and the generation prompt applied."""
+        if self.tokenizer is None:
+            raise ValueError("`messages` needs a `tokenizer` component with a chat template.")
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError(
+                "`messages` must be a conversation (a list of {'role', 'content'} dicts) or a list of them."
+            )
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        for conv in conversations:
+            if (
+                not isinstance(conv, (list, tuple))
+                or not conv
+                or not all(isinstance(m, dict) and "role" in m and "content" in m for m in conv)
+            ):
+                raise ValueError(
+                    "`messages` must be a conversation (a list of {'role', 'content'} dicts) or a list of them."
+                )
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("`messages` needs a tokenizer with a chat template (`tokenizer.chat_template` is unset).")
+        ids = []
+        for conv in conversations:
+            text = self.tokenizer.apply_chat_template(list(conv), add_generation_prompt=True, tokenize=False)
+            ids.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids
 
     def _scheduler_for_call(self, temperature: Any, top_k: Any, top_p: Any) -> Any:
         if not isinstance(self.scheduler, (DiscreteFlowScheduler, ConfidenceUnmaskingScheduler)):
@@ -447,6 +518,115 @@ class DFMPipeline(DiffusionPipeline):
             row = ids[:cut][keep[b, :cut]]
             texts.append(self.tokenizer.decode(row.tolist(), skip_special_tokens=True))
         return texts
+
+
+_USE_CACHE_WARNED = False
+
+
+def _warn_use_cache() -> None:
+    global _USE_CACHE_WARNED
+    if not _USE_CACHE_WARNED:
+        _USE_CACHE_WARNED = True
+        warnings.warn(
+            "`use_cache` of DFMPipeline.__call__ is deprecated: it never meant a key/value cache. Use "
+            "`skip_idle_steps` (same meaning); `kv_cache=` is the approximate key/value cache.",
+            FutureWarning,
+            stacklevel=4,
+        )
+
+
+class _ModelRunner:
+    """The model calls of one generation: step and row skipping, ``logits_to_keep``, classifier-free guidance and
+    the optional block key/value cache. ``nfe`` counts the forward passes run."""
+
+    def __init__(
+        self,
+        pipe: DFMPipeline,
+        attention: Optional[torch.Tensor],
+        drop: torch.Tensor,
+        skip_idle_steps: bool,
+        use_logits_to_keep: bool,
+    ) -> None:
+        self.pipe, self.model = pipe, pipe.model
+        self.attention = attention  # (batch, len) 1/0, or None when no row is padded
+        self.drop = drop  # (batch, len) bool: the conditioning tokens the unconditional branch masks
+        self.skip, self.keep = skip_idle_steps, use_logits_to_keep
+        config = pipe.model.config
+        self.time_conditioned = bool(getattr(config, "time_conditioning", False))
+        self.shift = bool(getattr(config, "logits_shift", False))
+        self.vocab_size = config.vocab_size
+        self.mask = pipe.mask_token_id
+        self.nfe = 0
+
+    def _cfg(self) -> bool:
+        return self.pipe.guidance_scale != 1.0
+
+    def _twice(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` for both branches: repeated along the batch under guidance."""
+        return torch.cat([x, x]) if self._cfg() else x
+
+    def _inputs(self, ids: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        """``ids``, followed by its unconditional copy (conditioning tokens masked) under guidance."""
+        return torch.cat([ids, ids.masked_fill(drop, self.mask)]) if self._cfg() else ids
+
+    def _combine(self, logits: torch.Tensor) -> torch.Tensor:
+        """``uncond + w * (cond - uncond)`` from the two halves of a guided forward."""
+        if not self._cfg():
+            return logits
+        cond, uncond = logits.chunk(2)
+        return uncond + self.pipe.guidance_scale * (cond - uncond)
+
+    def _empty(self, sample: torch.Tensor) -> torch.Tensor:
+        return torch.empty((0, self.vocab_size), dtype=torch.float32, device=sample.device)
+
+    def _forward(self, ids: torch.Tensor, rows: Any, plan: StepPlan, **kwargs: Any) -> Any:
+        attention = None if self.attention is None else self._twice(self.attention[rows])
+        timesteps = self._twice(plan.timesteps[rows]) if self.time_conditioned else None
+        self.nfe += 1
+        return self.model(input_ids=ids, attention_mask=attention, timesteps=timesteps, **kwargs)
+
+    def logits(self, sample: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """Logits the step reads: packed rows at ``plan.positions``, or full ones without ``skip_idle_steps``."""
+        if not self.skip:
+            ids = self._inputs(sample, self.drop)
+            return self._combine(self._forward(ids, slice(None), plan).logits)
+        active = [count > 0 for count in plan.counts]
+        if not any(active):
+            return self._empty(sample)
+        rows: Any = slice(None)
+        if not all(active):
+            rows = torch.tensor([b for b, a in enumerate(active) if a], device=sample.device)
+        needs = plan.positions[rows]
+        ids = self._inputs(sample[rows], self.drop[rows])
+        if self.keep:
+            out = self._forward(ids, rows, plan, logits_to_keep=self._twice(needs))
+            return self._combine(out.logits)
+        return self._combine(self._forward(ids, rows, plan).logits)[needs]
+
+    def cached_logits(self, sample: torch.Tensor, plan: StepPlan, state: BlockCacheState) -> torch.Tensor:
+        """Packed logits at ``plan.positions`` from a partial forward of the open window against the cache
+        (refreshed first when a window opened or the cache is ``refresh_steps`` old)."""
+        if not any(plan.counts):
+            return self._empty(sample)
+        rows = slice(None)
+        if state.needs_refresh(plan.window_index):
+            ids = self._inputs(sample, self.drop)
+            nothing = torch.zeros_like(ids, dtype=torch.bool)
+            out = self._forward(ids, rows, plan, use_cache=True, logits_to_keep=nothing)
+            state.refreshed(out.past_key_values, plan.window_index)
+        query = query_positions(plan.window, state.mode, self.shift)
+        keep = keep_in_slice(plan.positions, query)
+        ids = self._inputs(sample.gather(1, query), self.drop.gather(1, query))
+        out = self._forward(
+            ids,
+            rows,
+            plan,
+            position_ids=self._twice(query),
+            past_key_values=state.cache,
+            logits_to_keep=self._twice(keep),
+        )
+        state.age += 1
+        return self._combine(out.logits)
 
 
 def _pack_rows(sample: torch.Tensor, keep: torch.Tensor, pad: int) -> torch.Tensor:

@@ -1,56 +1,22 @@
-"""Shared sampling utilities of the schedulers: per-row random draws and categorical draws from logit rows.
+"""Shared sampling utilities of the schedulers: logit processing and exact categorical draws from logit rows.
 
-Randomness is drawn per batch row when a list of generators is given (the diffusers convention), so a row's sample
-depends only on its own generator and never on what else is in the batch.
+Every random number comes from :mod:`dfm_hf.rng` (the generator's device, per-row generators; see its docstring).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
-GeneratorLike = Optional[Union[torch.Generator, Sequence[torch.Generator]]]
+from ..rng import GeneratorLike, draw_rows, per_row, row_counts
 
 SAMPLING_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 #: Largest (rows, vocab) temporary :func:`sample_rows` builds at once (it samples row chunks of this size).
 CHUNK_BYTES = 32 * 1024 * 1024
-
-
-def check_generator(generator: GeneratorLike, batch_size: int) -> None:
-    """Raise ``ValueError`` unless ``generator`` is None, a ``torch.Generator`` or one generator per row."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != batch_size or not all(isinstance(g, torch.Generator) for g in generator):
-            raise ValueError(
-                f"`generator` must be a torch.Generator or a list of {batch_size} torch.Generator (one per row), "
-                f"got a list of {len(generator)}."
-            )
-        return
-    raise ValueError(f"`generator` must be a torch.Generator or a list of them, got {type(generator).__name__}.")
-
-
-def rand_at(
-    positions: torch.Tensor, generator: GeneratorLike, dtype: torch.dtype = torch.float64, columns: int = 1
-) -> torch.Tensor:
-    """Uniform draws in ``[0, 1)`` at the True entries of the (batch, length) bool tensor ``positions``.
-
-    Returns a (batch, length, columns) tensor (zeros elsewhere). With a list of generators, row ``b`` consumes
-    exactly ``positions[b].sum() * columns`` numbers from ``generator[b]``, so padding and other rows do not shift it.
-    """
-    if not isinstance(generator, (list, tuple)):
-        return torch.rand(
-            (*positions.shape, columns), generator=generator, device=positions.device, dtype=dtype
-        ).masked_fill_(~positions.unsqueeze(-1), 0.0)
-    out = torch.zeros((*positions.shape, columns), device=positions.device, dtype=dtype)
-    for b, g in enumerate(generator):
-        idx = positions[b].nonzero().squeeze(-1)
-        out[b, idx] = torch.rand((idx.numel(), columns), generator=g, device=positions.device, dtype=dtype)
-    return out
 
 
 def process_logits(
@@ -106,25 +72,6 @@ def process_logits(
     return log_probs
 
 
-def uniforms(
-    count: int,
-    counts: Optional[Sequence[int]],
-    generator: GeneratorLike,
-    device: torch.device,
-    dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
-    """``count`` uniform numbers in ``[0, 1)``, one per row; with a list of generators, the ``counts[b]`` rows of
-    batch row ``b`` (in order) read ``generator[b]``."""
-    if not isinstance(generator, (list, tuple)):
-        return torch.rand(count, generator=generator, device=device, dtype=dtype)
-    u = torch.empty(count, device=device, dtype=dtype)
-    start = 0
-    for g, n in zip(generator, counts):
-        u[start : start + n] = torch.rand(n, generator=g, device=device, dtype=dtype)
-        start += n
-    return u
-
-
 def inverse_cdf(log_probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Exact inverse-CDF draw from each row of (K, vocab) ``log_probs`` given one ``u ~ U[0, 1)`` per row.
 
@@ -150,7 +97,8 @@ def draw_categorical(
     at a 32k vocabulary). With a list of generators, the rows of batch row ``b`` (``counts[b]`` of them, in order)
     use ``generator[b]``.
     """
-    u = uniforms(log_probs.shape[0], counts, generator, log_probs.device, log_probs.dtype)
+    counts = [log_probs.shape[0]] if counts is None else counts
+    u = draw_rows(counts, generator, log_probs.device, log_probs.dtype)[:, 0]
     return inverse_cdf(log_probs, u)
 
 
@@ -199,24 +147,26 @@ def sample_rows(
     forbidden_token_id: Optional[int] = None,
     dtype: torch.dtype = torch.float64,
     chunk_bytes: int = CHUNK_BYTES,
+    counts: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """``draw_categorical(process_logits(rows_of(...)))`` at the True entries of ``positions``, in chunks of rows.
 
     The same draws as the unchunked composition (one uniform per row, drawn up front in row-major order; every
     operation is row-wise), but the (K, vocab) temporaries in ``dtype`` never exceed ``chunk_bytes`` each, and with
     full (batch, length, vocab) logits the rows are gathered chunk by chunk, so the step's extra memory does not grow
-    with the number of positions it reads.
+    with the number of positions it reads. ``counts`` (rows per batch row, when the caller has them) saves a host
+    sync.
     """
     _check_output(model_output, positions, vocab_size)
-    multi = isinstance(generator, (list, tuple))
-    counts = positions.sum(1).tolist() if multi else None
     device = model_output.device
     if model_output.dim() == 3:
         index = positions.nonzero(as_tuple=True)
         count = index[0].numel()
     else:
         index, count = None, model_output.shape[0]
-    u = uniforms(count, counts, generator, device, dtype)
+    if counts is None:
+        counts = row_counts(positions) if per_row(generator) else [count]
+    u = draw_rows(counts, generator, device, dtype)[:, 0]
     out = torch.empty(count, dtype=torch.long, device=device)
     width = model_output.shape[-1] * torch.finfo(dtype).bits // 8
     step = max(1, chunk_bytes // max(width, 1))

@@ -1,21 +1,38 @@
-"""`ConfidenceUnmaskingScheduler`: confidence-ordered unmasking (MaskGIT / LLaDA low-confidence remasking).
+"""`ConfidenceUnmaskingScheduler`: confidence-ordered unmasking (MaskGIT / LLaDA low-confidence remasking, Dream's
+confidence samplers, Fast-dLLM's threshold parallel decoding).
 
 The baseline the DFM paper compares against, with the same pipeline contract as `DiscreteFlowScheduler`
-(`set_timesteps`, `plan_step`, `step`). At step ``i`` of ``N`` a row with ``m`` masked free positions commits
-``k = ceil(m / (N - i))`` of them (LLaDA's even split of the remaining tokens over the remaining steps): a token
-``x^j ~ p_{1|t}`` (after temperature / top-k / top-p) is drawn at every masked position, and the ``k`` positions with
-the highest confidence ``p_{1|t}(x^j)`` (or a random order with ``remasking="random"``) keep it; the others stay
-masked. It is not a sampler of the model's distribution in the limit: it is the greedy-ordering heuristic.
+(`set_timesteps`, `plan_step` -> `StepPlan`, `step(..., plan=)`). At step ``i`` of ``N`` a row with ``m`` masked free
+positions commits ``k = ceil(m / (N - i))`` of them (LLaDA's even split of the remaining tokens over the remaining
+steps): a token ``x^j ~ p_{1|t}`` (after temperature / top-k / top-p; the arg-max at temperature 0) is drawn at every
+masked position, and the ``k`` positions with the highest confidence keep it; the others stay masked. Confidence is
+computed on the model's ``p = p_{1|t}`` itself (temperature 1, no filtering; the mask token excluded):
+
+* ``confidence="probability"``: ``p(x^j)`` of the drawn token (LLaDA's ``low_confidence``, Dream's ``maskgit_plus``);
+* ``"margin"``: ``p_(1) - p_(2)``, the top probability minus the second (Dream's ``topk_margin``);
+* ``"entropy"``: ``sum_v p(v) log p(v)``, the negative entropy (Dream's ``entropy``).
+
+``remasking="random"`` ranks in a random order instead. It is not a sampler of the model's distribution in the
+limit: it is the greedy-ordering heuristic.
 
 With ``block_length = L`` (LLaDA's semi-autoregressive blocks) a row's generated (non-conditioning) positions are cut,
-left to right, into ``B = ceil(free / L)`` blocks and only the open blocks are ranked and read: after step ``i`` the
-first ``w_i = ceil((i + 1) B / N)`` blocks are open and must be complete by step ``floor(w_i N / B) - 1``, so step
-``i`` commits ``k = ceil(m_w / (floor(w_i N / B) - i))`` of the ``m_w`` masked positions of the open blocks. With
-``N`` a multiple of ``B`` each block gets ``N / B`` steps (LLaDA's schedule); the last step commits every block.
+left to right, into ``B = ceil(free / L)`` blocks and only the open window of blocks is ranked and read: after step
+``i`` the first ``w_i = ceil((i + 1) B / N)`` blocks are open and must be complete by step ``floor(w_i N / B) - 1``, so
+step ``i`` commits ``k = ceil(m_w / (floor(w_i N / B) - i))`` of the ``m_w`` masked positions of the window (see
+:func:`~dfm_hf.schedulers.utils.block_windows`). With ``N`` a multiple of ``B`` each block gets ``N / B`` steps
+(LLaDA's schedule); the last step commits every block.
+
+With ``confidence_threshold = tau`` (Fast-dLLM's parallel decoding) a step commits every ranked position whose
+confidence exceeds ``tau`` as well as the ``k`` most confident ones (so at least the most confident one, and at least
+what the schedule needs to finish within ``N`` steps): blocks fill faster, the steps left with nothing to commit read
+no logits (the pipeline runs no model there), and ``num_inference_steps`` becomes an upper bound on the model calls.
+For ``"probability"`` the threshold is a probability; for ``"margin"`` a probability gap; for ``"entropy"`` a
+negative entropy (<= 0).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -24,19 +41,20 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from .. import paths
-from .sampling import (
-    SAMPLING_DTYPES,
-    GeneratorLike,
-    check_generator,
-    draw_categorical,
-    process_logits,
-    rand_at,
-    rows_of,
+from .. import paths, rng
+from ..rng import GeneratorLike, check_generator
+from .sampling import SAMPLING_DTYPES, draw_categorical, process_logits, rows_of
+from .utils import (
+    DFMSchedulerMixin,
+    StepPlan,
+    block_windows,
+    validate_block_length,
+    validate_num_inference_steps,
+    validate_sampling_args,
 )
-from .utils import OurSchedulerMixin, validate_sampling_args
 
 REMASKING = ("low_confidence", "random")
+CONFIDENCES = ("probability", "margin", "entropy")
 
 
 @dataclass
@@ -47,12 +65,14 @@ class ConfidenceUnmaskingSchedulerOutput(BaseOutput):
     pred_original_sample: Optional[torch.LongTensor] = None
 
 
-class ConfidenceUnmaskingScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixin):
-    """Confidence-ordered unmasking for the mask source (MaskGIT / LLaDA low-confidence remasking).
+class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
+    """Confidence-ordered unmasking for the mask source (MaskGIT / LLaDA / Dream / Fast-dLLM; module docstring).
 
     Config: ``mask_token_id`` (required), ``vocab_size``, ``remasking`` (``"low_confidence"`` | ``"random"``),
-    ``temperature`` (0 = greedy, LLaDA's default), ``top_k``, ``top_p``, ``sampling_dtype``, ``block_length``
-    (None: rank every masked position; an integer: semi-autoregressive blocks, see the module docstring).
+    ``confidence`` (``"probability"`` | ``"margin"`` | ``"entropy"``), ``temperature`` (0 = greedy, LLaDA's default),
+    ``top_k``, ``top_p``, ``sampling_dtype``, ``block_length`` (None: rank every masked position; an integer:
+    semi-autoregressive blocks), ``confidence_threshold`` (None: the fixed schedule; a number: also commit every
+    position whose confidence exceeds it).
     """
 
     order = 1
@@ -70,6 +90,8 @@ class ConfidenceUnmaskingScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixi
         sampling_dtype: str = "float64",
         source_distribution: str = "mask",
         block_length: Optional[int] = None,
+        confidence: str = "probability",
+        confidence_threshold: Optional[float] = None,
     ) -> None:
         if source_distribution != "mask":
             raise ValueError(
@@ -78,13 +100,26 @@ class ConfidenceUnmaskingScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixi
         paths.validate_source("mask", mask_token_id, vocab_size)
         if remasking not in REMASKING:
             raise ValueError(f"`remasking` must be one of {list(REMASKING)}, got {remasking!r}.")
+        if confidence not in CONFIDENCES:
+            raise ValueError(f"`confidence` must be one of {list(CONFIDENCES)}, got {confidence!r}.")
         validate_sampling_args(temperature, top_k, top_p)
         if sampling_dtype not in SAMPLING_DTYPES:
             raise ValueError(f"`sampling_dtype` must be one of {list(SAMPLING_DTYPES)}, got {sampling_dtype!r}.")
-        if block_length is not None and (
-            isinstance(block_length, bool) or not isinstance(block_length, int) or not 1 <= block_length <= 1_000_000
-        ):
-            raise ValueError(f"`block_length` must be None or an integer in [1, 1000000], got {block_length!r}.")
+        validate_block_length(block_length)
+        if confidence_threshold is not None:
+            if (
+                isinstance(confidence_threshold, bool)
+                or not isinstance(confidence_threshold, (int, float))
+                or not math.isfinite(confidence_threshold)
+            ):
+                raise ValueError(
+                    f"`confidence_threshold` must be None or a finite number, got {confidence_threshold!r}."
+                )
+            if remasking != "low_confidence":
+                raise ValueError(
+                    "`confidence_threshold` needs `remasking`='low_confidence' (a random order has no confidence), "
+                    f"got remasking={remasking!r}."
+                )
         self.timesteps: Optional[torch.Tensor] = None
         self.num_inference_steps: Optional[int] = None
         self._times: list[float] = []
@@ -92,10 +127,7 @@ class ConfidenceUnmaskingScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixi
 
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device, None] = None) -> None:
         """Uniform grid ``t_i = i / N``; step ``i`` commits ``ceil(masked / (N - i))`` tokens per row."""
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        if not 1 <= num_inference_steps <= 1_000_000:
-            raise ValueError(f"`num_inference_steps` must lie in [1, 1000000], got {num_inference_steps}.")
+        validate_num_inference_steps(num_inference_steps)
         self._times = [i / num_inference_steps for i in range(num_inference_steps + 1)]
         self.num_inference_steps = num_inference_steps
         self.timesteps = torch.tensor(self._times[:-1], dtype=torch.float32, device=device)
@@ -107,33 +139,61 @@ class ConfidenceUnmaskingScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixi
         timestep: Union[float, torch.Tensor],
         generator: GeneratorLike = None,
         condition_mask: Optional[torch.Tensor] = None,
-    ) -> torch.BoolTensor:
-        """Positions whose logits the step reads: every masked non-conditioning position (of the open blocks)."""
-        return self._plan(sample, timestep, generator, condition_mask)[0]
-
-    def _plan(
-        self,
-        sample: torch.LongTensor,
-        timestep: Union[float, torch.Tensor],
-        generator: GeneratorLike,
-        condition_mask: Optional[torch.Tensor],
-    ) -> tuple[torch.BoolTensor, Union[int, torch.LongTensor], int]:
-        """``(needs, steps_left, i)``: positions to rank, the steps left (per row with blocks) to commit all of them,
-        and the grid index of ``timestep``."""
+    ) -> StepPlan:
+        """The :class:`StepPlan` of this step: ``positions`` are the masked free positions to rank (those of the open
+        window with ``block_length``) and ``steps_left`` the steps left to commit all of them. Draws nothing."""
         self._check_sample(sample, condition_mask)
         check_generator(generator, sample.shape[0])
         i = self._index_for(timestep)
         n = self.num_inference_steps
         free = torch.ones_like(sample, dtype=torch.bool) if condition_mask is None else ~condition_mask.bool()
         needs = (sample == self.config.mask_token_id) & free
-        length = self.config.block_length
-        if length is None:
-            return needs, n - i, i
-        block = (free.cumsum(1) - 1) // length  # block index of each free position, counted from the left
-        blocks = (free.sum(1) + length - 1) // length
-        open_blocks = ((i + 1) * blocks + n - 1) // n
-        steps_left = torch.where(blocks > 0, open_blocks * n // blocks.clamp(min=1) - i, 1)
-        return needs & (block < open_blocks.unsqueeze(1)), steps_left, i
+        t = torch.full((sample.shape[0],), self._times[i], dtype=torch.float32, device=sample.device)
+        if self.config.block_length is None:
+            return StepPlan(i, needs, rng.row_counts(needs), steps_left=n - i, timesteps=t)
+        blocks = block_windows(free, self.config.block_length, i, n)
+        needs = needs & blocks.window
+        return StepPlan(
+            i,
+            needs,
+            rng.row_counts(needs),
+            steps_left=blocks.last_step - i + 1,
+            window=blocks.window,
+            window_index=blocks.num_open,
+            timesteps=t,
+        )
+
+    def _confidence(self, rows: torch.Tensor, generator: GeneratorLike, plan: StepPlan, dtype: torch.dtype):
+        """``(tokens, scores)`` for the (K, vocab) logit rows: the drawn tokens and the ranking score of each row (for
+        ``"probability"`` the log-probability, which ranks like the probability)."""
+        c = self.config
+        if c.temperature == 0 and c.remasking == "low_confidence" and c.confidence == "probability":
+            # greedy (LLaDA's default): the arg-max and its log-probability log p = x[token] - logsumexp(x), from one
+            # converted copy of the rows (no one-hot distribution is built)
+            x = process_logits(rows, 1.0, None, None, c.mask_token_id, dtype, normalize=False)
+            tokens = x.argmax(-1)
+            return tokens, x.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(x, dim=-1)
+        plain = process_logits(rows, 1.0, None, None, c.mask_token_id, dtype)  # the model's log p_{1|t}
+        if c.temperature == 0:
+            tokens = plain.argmax(-1)
+        else:
+            exact = c.temperature == 1.0 and c.top_k is None and c.top_p is None
+            log_probs = (
+                plain if exact else process_logits(rows, c.temperature, c.top_k, c.top_p, c.mask_token_id, dtype)
+            )
+            tokens = draw_categorical(log_probs, plan.counts, generator)
+        if c.remasking == "random":
+            return tokens, rng.rand_at(plan.positions, generator, dtype=dtype, counts=plan.counts).squeeze(-1)[
+                plan.positions
+            ]
+        if c.confidence == "probability":
+            return tokens, plain.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        if c.confidence == "margin":
+            top2 = plain.topk(min(2, plain.shape[-1]), dim=-1).values.exp()
+            second = top2[:, 1] if top2.shape[-1] > 1 else torch.zeros_like(top2[:, 0])
+            return tokens, top2[:, 0] - second
+        probs = plain.exp()
+        return tokens, (probs * plain.masked_fill(probs == 0, 0.0)).sum(-1)
 
     def step(
         self,
@@ -143,42 +203,36 @@ class ConfidenceUnmaskingScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixi
         generator: GeneratorLike = None,
         return_dict: bool = True,
         condition_mask: Optional[torch.Tensor] = None,
+        plan: Optional[StepPlan] = None,
     ) -> Union[ConfidenceUnmaskingSchedulerOutput, tuple]:
-        """Commit the ``k`` most confident draws per row; ``model_output`` is full or packed logits (see plan_step)."""
+        """Commit the ``k`` most confident draws per row (and, with ``confidence_threshold``, every draw above it).
+
+        ``model_output`` is full (batch, length, vocab) logits or the packed rows at ``plan.positions``.
+        """
         c = self.config
-        needs, steps_left, i = self._plan(sample, timestep, generator, condition_mask)
+        plan = self._plan_for_step(plan, sample, timestep, generator, condition_mask)
+        needs = plan.positions
         rows = rows_of(model_output, needs, c.vocab_size)
         dtype = SAMPLING_DTYPES[c.sampling_dtype]
-        multi = isinstance(generator, (list, tuple))
-        if c.temperature == 0 and c.remasking == "low_confidence":
-            # greedy (LLaDA's default): the arg-max and its log-probability log p = x[token] - logsumexp(x), from one
-            # converted copy of the rows (no one-hot distribution is built)
-            x = process_logits(rows, 1.0, None, None, c.mask_token_id, dtype, normalize=False)
-            tokens = x.argmax(-1)
-            conf_values = x.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(x, dim=-1)
-        else:
-            plain = process_logits(rows, 1.0, None, None, c.mask_token_id, dtype)  # confidence: the model's p_{1|t}
-            exact = c.temperature == 1.0 and c.top_k is None and c.top_p is None
-            log_probs = (
-                plain if exact else process_logits(rows, c.temperature, c.top_k, c.top_p, c.mask_token_id, dtype)
-            )
-            tokens = draw_categorical(log_probs, needs.sum(1).tolist() if multi else None, generator)
-            if c.remasking == "low_confidence":
-                conf_values = plain.gather(1, tokens.unsqueeze(1)).squeeze(1)
-            else:
-                conf_values = rand_at(needs, generator, dtype=dtype).squeeze(-1)[needs]
-        conf = torch.full(sample.shape, -float("inf"), dtype=dtype, device=sample.device)
-        conf[needs] = conf_values
+        tokens, scores = self._confidence(rows, generator, plan, dtype)
+        conf = torch.full(sample.shape, -math.inf, dtype=dtype, device=sample.device)
+        conf[needs] = scores.to(dtype)
+        steps_left = plan.steps_left
         k = (needs.sum(1) + steps_left - 1) // steps_left
         order = conf.argsort(dim=1, descending=True, stable=True)
         ranks = torch.empty_like(order).scatter_(
             1, order, torch.arange(sample.shape[1], device=sample.device).expand_as(order)
         )
         commit = needs & (ranks < k.unsqueeze(1))
+        if c.confidence_threshold is not None:
+            tau = c.confidence_threshold
+            if c.confidence == "probability":  # scores are log-probabilities
+                tau = math.log(tau) if tau > 0 else -math.inf
+            commit = commit | (needs & (conf > tau))
         drawn = sample.clone()
         drawn[needs] = tokens
         new = torch.where(commit, drawn, sample)
-        self._step_index = i + 1
+        self._step_index = plan.step_index + 1
         if not return_dict:
             return (new,)
         return ConfidenceUnmaskingSchedulerOutput(prev_sample=new, pred_original_sample=drawn)

@@ -15,6 +15,12 @@ The model gives logits of the factorized posterior ``p_{1|t}(x^i | X_t)``. Over 
   ``r = p_{1|t}(z) / (d kappa_t + 1 - kappa_t)`` (``d`` source tokens), so the jump goes to a uniform token with
   probability ``d kappa_t r``.
 * the last step lands on ``t = 1``: every free position still holding a source token is resolved from ``p_{1|t}``.
+* block-wise DFM (``block_length = L``, mask source): a row's generated positions are cut left to right into blocks of
+  ``L``; the ``N`` steps are split over the blocks as in LLaDA (see
+  :func:`~dfm_hf.schedulers.utils.block_windows`: the window of blocks opened at step ``s`` must be complete by step
+  ``d``), and the window runs its own DFM flow from ``t = 0`` to ``t = 1`` on the local grid
+  ``t_j = j / (d - s + 1)``, ``j = i - s``, while later blocks stay masked and earlier ones stay fixed. Each block is
+  then drawn from the model's conditional given the blocks before it (exact in the limit for an exact posterior).
 
 The mask token is never drawn as a value whatever the logits give it, conditioning positions never change, and
 categorical draws are made in float64 by default (float32 Gumbel-max under-samples rare tokens).
@@ -31,21 +37,20 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from .. import paths
-from .sampling import (
-    SAMPLING_DTYPES,
-    GeneratorLike,
-    check_generator,
-    draw_categorical,
-    process_logits,
-    rand_at,
-    rows_of,
-    sample_rows,
+from .. import paths, rng
+from ..rng import GeneratorLike, check_generator
+from .sampling import SAMPLING_DTYPES, draw_categorical, process_logits, rows_of, sample_rows
+from .utils import (
+    DFMSchedulerMixin,
+    StepPlan,
+    block_windows,
+    validate_block_length,
+    validate_num_inference_steps,
+    validate_sampling_args,
 )
-from .utils import OurSchedulerMixin, validate_sampling_args
 
 PREDICTION_TYPES = ("sample", "epsilon")
-MAX_INFERENCE_STEPS = 1_000_000
+TIME_SPACINGS = ("uniform", "cosine")
 
 
 @dataclass
@@ -62,17 +67,7 @@ class DiscreteFlowSchedulerOutput(BaseOutput):
     pred_original_sample: Optional[torch.LongTensor] = None
 
 
-@dataclass
-class _Plan:
-    step_index: int
-    forward: torch.Tensor  # positions that jump to a draw from p_{1|t}
-    backward: torch.Tensor  # positions sent back towards the source
-    needs_logits: torch.Tensor
-    kappa: float
-    sample: torch.Tensor
-
-
-class DiscreteFlowScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixin):
+class DiscreteFlowScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
     """Discrete Flow Matching Euler sampler with kappa schedules, mask/uniform sources and the DFM corrector.
 
     Config:
@@ -89,6 +84,8 @@ class DiscreteFlowScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixin):
         temperature, top_k, top_p: applied to ``p_{1|t}`` before each draw (defaults are exact sampling).
         sampling_dtype: ``"float64"`` (default) or ``"float32"`` for the categorical draws.
         time_spacing: ``"uniform"`` grid ``t_i = i / N``, or ``"cosine"`` (denser near both ends).
+        block_length: None (one flow over every generated position) or ``L``: block-wise DFM (mask source only; module
+            docstring).
     """
 
     order = 1
@@ -111,6 +108,7 @@ class DiscreteFlowScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixin):
         top_p: Optional[float] = None,
         sampling_dtype: str = "float64",
         time_spacing: str = "uniform",
+        block_length: Optional[int] = None,
     ) -> None:
         paths.validate_source(source_distribution, mask_token_id, vocab_size)
         self.schedule = paths.get_kappa_schedule(kappa_schedule, kappa_exponent)
@@ -124,13 +122,18 @@ class DiscreteFlowScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixin):
         validate_sampling_args(temperature, top_k, top_p)
         if sampling_dtype not in SAMPLING_DTYPES:
             raise ValueError(f"`sampling_dtype` must be one of {list(SAMPLING_DTYPES)}, got {sampling_dtype!r}.")
-        if time_spacing not in ("uniform", "cosine"):
-            raise ValueError(f"`time_spacing` must be one of ['uniform', 'cosine'], got {time_spacing!r}.")
+        if time_spacing not in TIME_SPACINGS:
+            raise ValueError(f"`time_spacing` must be one of {list(TIME_SPACINGS)}, got {time_spacing!r}.")
+        validate_block_length(block_length)
+        if block_length is not None and source_distribution != "mask":
+            raise ValueError(
+                "`block_length` needs `source_distribution`='mask' (later blocks wait masked), "
+                f"got {source_distribution!r}."
+            )
         self.timesteps: Optional[torch.Tensor] = None
         self.num_inference_steps: Optional[int] = None
         self._times: list[float] = []
         self._step_index: Optional[int] = None
-        self._plan: Optional[_Plan] = None
 
     # ------------------------------------------------------------------ time grid
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device, None] = None) -> None:
@@ -140,12 +143,7 @@ class DiscreteFlowScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixin):
                 "`prediction_type`='epsilon' cannot drive DiscreteFlowScheduler: the forward velocity needs "
                 "p_{1|t}; p_{0|t} only gives the backward (corrector) term. Train with prediction_type='sample'."
             )
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        if not 1 <= num_inference_steps <= MAX_INFERENCE_STEPS:
-            raise ValueError(
-                f"`num_inference_steps` must lie in [1, {MAX_INFERENCE_STEPS}], got {num_inference_steps}."
-            )
+        validate_num_inference_steps(num_inference_steps)
         grid = [i / num_inference_steps for i in range(num_inference_steps + 1)]
         if self.config.time_spacing == "cosine":
             grid = [0.5 - 0.5 * math.cos(math.pi * s) for s in grid]
@@ -153,7 +151,6 @@ class DiscreteFlowScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixin):
         self.num_inference_steps = num_inference_steps
         self.timesteps = torch.tensor(grid[:-1], dtype=torch.float32, device=device)
         self._step_index = None
-        self._plan = None
 
     # ------------------------------------------------------------------ helpers
     def _alpha(self, t: float) -> float:
@@ -173,16 +170,21 @@ class DiscreteFlowScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixin):
         timestep: Union[float, torch.Tensor],
         generator: GeneratorLike = None,
         condition_mask: Optional[torch.Tensor] = None,
-    ) -> torch.BoolTensor:
-        """Decide which positions move in this step, from the schedule alone, and return where logits are read.
+    ) -> StepPlan:
+        """Decide which positions move in this step, from the schedule alone, and return the :class:`StepPlan`.
 
-        The decision is kept for the following :meth:`step` at the same time, so a caller can run the model (or
-        just its LM head) only at the returned positions and skip the model entirely when none is True.
+        ``plan.positions`` is where the step reads logits: a caller can run the model (or just its LM head) only
+        there, skip the model entirely when it is nowhere True, and pass ``plan=`` to :meth:`step`. Each free position
+        reads one uniform number ``u`` here (row-major; per row with a list of generators): mask source,
+        ``forward = masked & (u < p_fwd)``, ``backward = visible & (u < p_bwd)``; uniform source,
+        ``forward = u < p_fwd``, ``backward = ~forward & (u < p_fwd + (1 - p_fwd) p_bwd)``.
         """
         self._check_sample(sample, condition_mask)
         check_generator(generator, sample.shape[0])
         i = self._index_for(timestep)
         c = self.config
+        if c.block_length is not None:
+            return self._plan_blocks(sample, i, generator, condition_mask)
         t, t_next = self._times[i], self._times[i + 1]
         last = i == self.num_inference_steps - 1
         k, k_next = (float(v) for v in self.schedule.kappa(torch.tensor([t, t_next], dtype=torch.float64)))
@@ -191,7 +193,7 @@ class DiscreteFlowScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixin):
         p_fwd = 1.0 if (last or k >= 1.0) else 1.0 - ((1.0 - k_next) / (1.0 - k)) ** alpha
         p_bwd = 0.0 if (beta == 0.0 or k <= 0.0) else 1.0 - (k / k_next) ** beta
         free = torch.ones_like(sample, dtype=torch.bool) if condition_mask is None else ~condition_mask.bool()
-        u = rand_at(free, generator).squeeze(-1)
+        u = rng.rand_at(free, generator).squeeze(-1)
         if c.source_distribution == "mask":
             masked = sample == c.mask_token_id
             forward = free & masked & (u < p_fwd)
@@ -201,8 +203,54 @@ class DiscreteFlowScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixin):
             forward = free & (u < p_fwd)
             backward = free & ~forward & (u < p_fwd + (1.0 - p_fwd) * p_bwd)
             needs = forward | backward
-        self._plan = _Plan(i, forward, backward, needs, k, sample)
-        return needs
+        timesteps = torch.full((sample.shape[0],), t, dtype=torch.float32, device=sample.device)
+        return StepPlan(
+            step_index=i,
+            positions=needs,
+            counts=rng.row_counts(needs),
+            forward=forward,
+            backward=backward,
+            kappa=k,
+            timesteps=timesteps,
+        )
+
+    def _spaced(self, s: torch.Tensor) -> torch.Tensor:
+        """The grid spacing applied to uniform local times ``s`` in [0, 1]."""
+        return 0.5 - 0.5 * torch.cos(math.pi * s) if self.config.time_spacing == "cosine" else s
+
+    def _plan_blocks(
+        self, sample: torch.Tensor, i: int, generator: GeneratorLike, condition_mask: Optional[torch.Tensor]
+    ) -> StepPlan:
+        """:meth:`plan_step` of block-wise DFM: the open window's own flow, at per-row local times."""
+        c = self.config
+        free = torch.ones_like(sample, dtype=torch.bool) if condition_mask is None else ~condition_mask.bool()
+        blocks = block_windows(free, c.block_length, i, self.num_inference_steps)
+        span = (blocks.last_step - blocks.first_step + 1).to(torch.float64)
+        local = (i - blocks.first_step).to(torch.float64)
+        t, t_next = self._spaced(local / span), self._spaced((local + 1) / span)
+        last = blocks.last_step == i
+        k, k_next = self.schedule.kappa(t), self.schedule.kappa(t_next)
+        alpha = torch.ones_like(t)
+        if c.corrector_alpha != 0:
+            alpha = 1.0 + c.corrector_alpha * t**c.corrector_a * (1.0 - t) ** c.corrector_b
+        beta = torch.where(last, torch.zeros_like(alpha), alpha - 1.0)
+        p_fwd = torch.where(last | (k >= 1.0), torch.ones_like(k), 1.0 - ((1.0 - k_next) / (1.0 - k)) ** alpha)
+        p_bwd = torch.where((beta == 0) | (k <= 0.0), torch.zeros_like(k), 1.0 - (k / k_next) ** beta)
+        u = rng.rand_at(blocks.window, generator).squeeze(-1)
+        masked = sample == c.mask_token_id
+        forward = blocks.window & masked & (u < p_fwd.unsqueeze(1))
+        backward = blocks.window & ~masked & (u < p_bwd.unsqueeze(1))
+        return StepPlan(
+            step_index=i,
+            positions=forward,
+            counts=rng.row_counts(forward),
+            forward=forward,
+            backward=backward,
+            kappa=k,
+            window=blocks.window,
+            window_index=blocks.num_open,
+            timesteps=t.to(torch.float32),
+        )
 
     # ------------------------------------------------------------------ step
     def step(
@@ -213,17 +261,17 @@ class DiscreteFlowScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixin):
         generator: GeneratorLike = None,
         return_dict: bool = True,
         condition_mask: Optional[torch.Tensor] = None,
+        plan: Optional[StepPlan] = None,
     ) -> Union[DiscreteFlowSchedulerOutput, tuple]:
         """Advance ``sample`` from ``timestep`` to the next time of the grid.
 
-        ``model_output`` is (batch, length, vocab) logits of ``p_{1|t}``, or the packed (K, vocab) rows at the
-        positions :meth:`plan_step` returned. Without a prior :meth:`plan_step` at this time, the step plans itself.
+        ``model_output`` is (batch, length, vocab) logits of ``p_{1|t}``, or the packed (K, vocab) rows at
+        ``plan.positions``. With ``plan=`` (from :meth:`plan_step` on this ``sample`` and ``timestep``) the step applies
+        exactly that plan; without it, it plans itself first (drawing the plan's numbers from ``generator``).
+        Forward positions take a draw ``x1 ~ p_{1|t}`` (after temperature / top-k / top-p; exact inverse-CDF in
+        ``sampling_dtype``); backward ones go back to the source (see the module docstring).
         """
-        plan = self._plan
-        if plan is None or plan.sample is not sample or plan.step_index != self._index_for(timestep):
-            self.plan_step(sample, timestep, generator, condition_mask)
-            plan = self._plan
-        self._plan = None
+        plan = self._plan_for_step(plan, sample, timestep, generator, condition_mask)
         c = self.config
         dtype = SAMPLING_DTYPES[c.sampling_dtype]
         new = sample.clone()
@@ -239,11 +287,12 @@ class DiscreteFlowScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixin):
                 top_p=c.top_p,
                 forbidden_token_id=c.mask_token_id,
                 dtype=dtype,
+                counts=plan.counts,
             )
             x1_hat = new.clone() if return_dict else None
             new[plan.backward] = c.mask_token_id
         else:
-            rows = rows_of(model_output, plan.needs_logits, c.vocab_size)
+            rows = rows_of(model_output, plan.positions, c.vocab_size)
             log_probs = process_logits(rows, c.temperature, c.top_k, c.top_p, c.mask_token_id, dtype)
             new = self._uniform_update(new, plan, log_probs, generator)
             x1_hat = None
@@ -253,16 +302,15 @@ class DiscreteFlowScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixin):
         return DiscreteFlowSchedulerOutput(prev_sample=new, pred_original_sample=x1_hat if x1_hat is not None else new)
 
     def _uniform_update(
-        self, new: torch.Tensor, plan: _Plan, log_probs: torch.Tensor, generator: GeneratorLike
+        self, new: torch.Tensor, plan: StepPlan, log_probs: torch.Tensor, generator: GeneratorLike
     ) -> torch.Tensor:
         """Uniform source: forward positions take a draw from p_{1|t}; backward candidates move to a uniform token
         with probability ``d kappa_t r``, ``r = p_{1|t}(z) / (d kappa_t + 1 - kappa_t)``."""
         c = self.config
-        multi = isinstance(generator, (list, tuple))
-        fwd_rows = plan.forward[plan.needs_logits]
-        counts = plan.forward.sum(1).tolist() if multi else None
-        new[plan.forward] = draw_categorical(log_probs[fwd_rows], counts, generator)
-        if not bool(plan.backward.any()):
+        fwd_rows = plan.forward[plan.positions]
+        new[plan.forward] = draw_categorical(log_probs[fwd_rows], rng.row_counts(plan.forward), generator)
+        backward_counts = rng.row_counts(plan.backward)
+        if not any(backward_counts):
             return new
         current = new[plan.backward]
         p1_z = log_probs[~fwd_rows].gather(1, current.unsqueeze(1)).squeeze(1).exp()
@@ -270,19 +318,9 @@ class DiscreteFlowScheduler(OurSchedulerMixin, SchedulerMixin, ConfigMixin):
         accept_p = d * k * p1_z / (d * k + 1.0 - k)
         coins = torch.zeros_like(new, dtype=log_probs.dtype)
         coins[plan.backward] = 1.0 - accept_p  # draws below this threshold are rejected
-        u = rand_at(plan.backward, generator, dtype=log_probs.dtype).squeeze(-1)
+        u = rng.rand_at(plan.backward, generator, dtype=log_probs.dtype, counts=backward_counts).squeeze(-1)
         accepted = plan.backward & (u >= coins)
-        if not multi:
-            tokens = paths.sample_uniform_tokens(
-                (int(accepted.sum()),), c.vocab_size, c.mask_token_id, generator, new.device
-            )
-        else:
-            tokens = torch.cat(
-                [
-                    paths.sample_uniform_tokens((int(accepted[b].sum()),), c.vocab_size, c.mask_token_id, g, new.device)
-                    for b, g in enumerate(generator)
-                ]
-            )
+        tokens = rng.uniform_tokens_at(rng.row_counts(accepted), c.vocab_size, c.mask_token_id, generator, new.device)
         new[accepted] = tokens.to(new.dtype)
         return new
 

@@ -1,13 +1,70 @@
-"""Logic shared by our schedulers: time-index lookup, input checks, and class resolution for `compatibles`."""
+"""Logic shared by our schedulers: the step plan, time-index lookup, input checks, and `compatibles` resolution."""
 
 from __future__ import annotations
 
 import bisect
 import importlib
 import math
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+
+#: Largest accepted ``num_inference_steps`` (a bound on the size of the time grid a config can ask for).
+MAX_INFERENCE_STEPS = 1_000_000
+
+
+def validate_num_inference_steps(num_inference_steps: object) -> int:
+    """Return ``num_inference_steps`` if it is an integer in ``[1, MAX_INFERENCE_STEPS]``, else raise ``ValueError``."""
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+        raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+    if not 1 <= num_inference_steps <= MAX_INFERENCE_STEPS:
+        raise ValueError(f"`num_inference_steps` must lie in [1, {MAX_INFERENCE_STEPS}], got {num_inference_steps}.")
+    return num_inference_steps
+
+
+def validate_block_length(block_length: object) -> None:
+    """Raise ``ValueError`` unless ``block_length`` is None or an integer in ``[1, 1000000]``."""
+    if block_length is not None and (
+        isinstance(block_length, bool) or not isinstance(block_length, int) or not 1 <= block_length <= 1_000_000
+    ):
+        raise ValueError(f"`block_length` must be None or an integer in [1, 1000000], got {block_length!r}.")
+
+
+@dataclass
+class StepPlan:
+    """What one scheduler step will do, decided before the model runs (returned by ``scheduler.plan_step``).
+
+    Pass it back as ``scheduler.step(model_output, timestep, sample, plan=plan)``: the step then applies exactly
+    these decisions to the ``sample`` the plan was made for, and ``model_output`` may be the packed (K, vocab)
+    logit rows at ``positions`` (what a model called with ``logits_to_keep=plan.positions`` returns).
+
+    Args:
+        step_index: index of the step's time in the scheduler's grid.
+        positions: (batch, length) bool, where the step reads logits (nowhere True: the model need not run).
+        counts: ``positions`` per batch row, as python ints.
+        forward: DFM: positions that jump to a draw of ``p_{1|t}``.
+        backward: DFM: positions sent back towards the source (the corrector).
+        kappa: DFM: ``kappa_t`` of the step (a (batch,) tensor with blocks).
+        steps_left: confidence unmasking: steps left to commit the ranked positions (an int, or (batch,) with
+            blocks).
+        window: block schedulers: (batch, length) bool, the generated positions of the open block(s); None without
+            blocks.
+        window_index: block schedulers: (batch,) long, how many blocks of each row are open (it changes exactly when
+            a block opens).
+        timesteps: (batch,) float32, the time a time-conditioned model should see for each row.
+    """
+
+    step_index: int
+    positions: torch.BoolTensor
+    counts: list[int]
+    forward: Optional[torch.BoolTensor] = None
+    backward: Optional[torch.BoolTensor] = None
+    kappa: Optional[Union[float, torch.Tensor]] = None
+    steps_left: Optional[Union[int, torch.Tensor]] = None
+    window: Optional[torch.BoolTensor] = None
+    window_index: Optional[torch.LongTensor] = None
+    timesteps: Optional[torch.Tensor] = None
 
 
 def validate_sampling_args(temperature: object, top_k: object, top_p: object) -> None:
@@ -23,7 +80,7 @@ def validate_sampling_args(temperature: object, top_k: object, top_p: object) ->
             raise ValueError(f"`top_p` must be None or a number in (0, 1], got {top_p!r}.")
 
 
-class OurSchedulerMixin:
+class DFMSchedulerMixin:
     """Mixed into each dfm_hf scheduler before diffusers' ``SchedulerMixin``.
 
     Expects ``self._times`` (the grid, ``N + 1`` python floats ending at 1.0), ``self.num_inference_steps`` and
@@ -55,6 +112,28 @@ class OurSchedulerMixin:
             raise ValueError(f"`timestep` {timestep!r} is not on the grid set by `set_timesteps` (see `.timesteps`).")
         return i
 
+    def _plan_for_step(
+        self,
+        plan: Optional[StepPlan],
+        sample: torch.Tensor,
+        timestep: Union[float, torch.Tensor],
+        generator: object,
+        condition_mask: Optional[torch.Tensor],
+    ) -> StepPlan:
+        """``plan`` checked against ``sample`` and ``timestep``, or a fresh plan when it is None."""
+        if plan is None:
+            return self.plan_step(sample, timestep, generator=generator, condition_mask=condition_mask)
+        if not isinstance(plan, StepPlan):
+            raise ValueError(f"`plan` must be the StepPlan returned by `plan_step`, got {type(plan).__name__}.")
+        if plan.positions.shape != sample.shape:
+            raise ValueError(
+                f"`plan` was made for a sample of shape {tuple(plan.positions.shape)}, got {tuple(sample.shape)}."
+            )
+        index = self._index_for(timestep)
+        if plan.step_index != index:
+            raise ValueError(f"`plan` was made for step {plan.step_index}, but `timestep` is step {index} of the grid.")
+        return plan
+
     def _check_sample(self, sample: torch.Tensor, condition_mask: Optional[torch.Tensor]) -> None:
         if not isinstance(sample, torch.Tensor) or sample.dim() != 2 or sample.is_floating_point():
             raise ValueError("`sample` must be a (batch, length) integer tensor of token ids.")
@@ -62,3 +141,37 @@ class OurSchedulerMixin:
             not isinstance(condition_mask, torch.Tensor) or condition_mask.shape != sample.shape
         ):
             raise ValueError(f"`condition_mask` must be a bool tensor shaped like `sample` {tuple(sample.shape)}.")
+
+
+@dataclass
+class BlockWindows:
+    """Where step ``i`` of ``N`` stands in the semi-autoregressive block schedule of each row (see
+    :func:`block_windows`); every field is a (batch,) long tensor except the two (batch, length) bool masks."""
+
+    block: torch.LongTensor  # (batch, length) block index of each free position (meaningless elsewhere)
+    window: torch.BoolTensor  # free positions of the blocks open at this step and not yet due
+    opened: torch.BoolTensor  # free positions of every block opened so far (the window and the finished ones)
+    num_open: torch.LongTensor  # w_i: blocks opened so far
+    first_step: torch.LongTensor  # s: the step at which the window opened
+    last_step: torch.LongTensor  # d: the step by which the window must be complete
+
+
+def block_windows(free: torch.Tensor, block_length: int, step_index: int, num_steps: int) -> BlockWindows:
+    """LLaDA's split of ``N`` steps over the ``B = ceil(free / L)`` blocks of each row (blocks of ``L`` generated
+    positions, left to right).
+
+    After step ``i`` the first ``w_i = ceil((i + 1) B / N)`` blocks are open; the steps with the same ``w_i`` form a
+    period that opens the window of blocks ``[ceil(s B / N), w_i)`` at step ``s = floor((w_i - 1) N / B)`` and must
+    complete it by step ``d = floor(w_i N / B) - 1``. With ``N`` a multiple of ``B`` every block gets ``N / B`` steps
+    of its own (LLaDA's schedule); with ``N < B`` a step opens several blocks at once.
+    """
+    i, n = step_index, num_steps
+    block = (free.long().cumsum(1) - 1).div(block_length, rounding_mode="floor")
+    blocks = (free.long().sum(1) + block_length - 1).div(block_length, rounding_mode="floor").clamp(min=1)
+    num_open = ((i + 1) * blocks + n - 1).div(n, rounding_mode="floor")
+    first_step = ((num_open - 1) * n).div(blocks, rounding_mode="floor")
+    low = (first_step * blocks + n - 1).div(n, rounding_mode="floor")
+    last_step = (num_open * n).div(blocks, rounding_mode="floor") - 1
+    opened = free & (block < num_open.unsqueeze(1))
+    window = opened & (block >= low.unsqueeze(1))
+    return BlockWindows(block, window, opened, num_open, first_step, last_step)
