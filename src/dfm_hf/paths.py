@@ -23,6 +23,11 @@ TimeLike = Union[float, torch.Tensor]
 
 SOURCE_DISTRIBUTIONS = ("mask", "uniform")
 KAPPA_SCHEDULES = ("polynomial", "cosine")
+#: Couplings ``(X0, X1)`` the collator and training build: independent (U-coupling), or conditioned on a prompt prefix
+#: or on the context around infilling spans (C-coupling).
+COUPLINGS = ("unconditional", "prefix", "infill")
+#: What a model predicts: ``"sample"`` = logits of ``p_{1|t}`` (the denoiser), ``"epsilon"`` = logits of ``p_{0|t}``.
+PREDICTION_TYPES = ("sample", "epsilon")
 
 
 def _as_tensor(t: TimeLike, dtype: torch.dtype = torch.float64) -> torch.Tensor:

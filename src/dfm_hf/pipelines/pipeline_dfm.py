@@ -304,8 +304,7 @@ class DFMPipeline(DiffusionPipeline):
                 )
             rows.extend([row] * num_samples_per_prompt)
         length = max(len(r) for r in rows)
-        pad = self.model.config.pad_token_id
-        pad = mask if pad is None else pad
+        pad = self._pad_id()
         sample = torch.full((len(rows), length), pad, dtype=torch.long)
         attention = torch.zeros((len(rows), length), dtype=torch.long)
         for b, row in enumerate(rows):
@@ -424,9 +423,8 @@ class DFMPipeline(DiffusionPipeline):
         device = self._execution_device
         if scheduler.config.get("source_distribution", "mask") == "uniform":
             # the source x0 of a uniform-source flow: i.i.d. tokens (never the mask) at the positions to generate
-            sample[generated] = uniform_tokens_at(
-                generated.sum(1).tolist(), self.model.config.vocab_size, scheduler.config.mask_token_id, generator, "cpu"
-            )
+            counts, vocab = generated.sum(1).tolist(), self.model.config.vocab_size
+            sample[generated] = uniform_tokens_at(counts, vocab, scheduler.config.mask_token_id, generator, "cpu")
         sample, condition = sample.to(device), condition.to(device)
         attention = attention.to(device) if padded else None
         scheduler.set_timesteps(num_inference_steps, device=device)

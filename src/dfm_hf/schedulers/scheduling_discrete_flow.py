@@ -49,7 +49,6 @@ from .utils import (
     validate_sampling_args,
 )
 
-PREDICTION_TYPES = ("sample", "epsilon")
 TIME_SPACINGS = ("uniform", "cosine")
 
 
@@ -112,8 +111,10 @@ class DiscreteFlowScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
     ) -> None:
         paths.validate_source(source_distribution, mask_token_id, vocab_size)
         self.schedule = paths.get_kappa_schedule(kappa_schedule, kappa_exponent)
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"`prediction_type` must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}.")
+        if prediction_type not in paths.PREDICTION_TYPES:
+            raise ValueError(
+                f"`prediction_type` must be one of {list(paths.PREDICTION_TYPES)}, got {prediction_type!r}."
+            )
         for name, value in (("corrector_alpha", corrector_alpha), ("corrector_a", corrector_a)):
             if not _is_real(value) or value < 0:
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")

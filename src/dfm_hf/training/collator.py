@@ -16,10 +16,9 @@ import torch
 
 from .. import paths
 from ..models.modeling_dfm import IGNORE_INDEX
+from ..paths import COUPLINGS, PREDICTION_TYPES
 
-COUPLINGS = ("unconditional", "prefix", "infill")
 TIME_SAMPLINGS = ("uniform", "stratified")
-PREDICTION_TYPES = ("sample", "epsilon")
 MAX_INFILL_SPANS = 3
 
 CouplingLike = Union[str, Mapping[str, float]]

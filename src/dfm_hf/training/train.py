@@ -27,8 +27,9 @@ from typing import Any, Optional
 
 import torch
 
-LOSSES = ("ce", "generalized_kl")
-COUPLINGS = ("unconditional", "prefix", "infill")
+from ..models.configuration_dfm import LOSS_TYPES as LOSSES
+from ..paths import COUPLINGS, PREDICTION_TYPES
+
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 _TOKEN_IDS = ("vocab_size", "mask_token_id", "pad_token_id", "eos_token_id", "bos_token_id")
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model_config", default="tiny", help="DFMConfig json path or preset name (tiny/small/base)")
     t.add_argument("--model_config_overrides", default=None, help="json, e.g. '{\"num_hidden_layers\": 4}'")
     t.add_argument("--scheduler_config", default=None, help="scheduler_config.json (kappa schedule, source)")
-    t.add_argument("--prediction_type", choices=("sample", "epsilon"), default=None)
+    t.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=None)
     o = add_optimisation_arguments(p)
     o.add_argument("--max_train_minutes", type=float, default=None, help="stop (and save) after this wall time")
     c = add_logging_arguments(p)
