@@ -1,0 +1,129 @@
+"""The approximate block key/value cache in DFMPipeline: exact machinery, the approximation, bad combinations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_pipeline, tiny_tokenizer
+
+from dfm_hf.models import DFMConfig, DFMForMaskedGeneration
+from dfm_hf.pipelines import DFMPipeline
+from dfm_hf.pipelines.kv_cache import BlockCacheState, keep_in_slice, query_positions
+from dfm_hf.pipelines.pipeline_dfm import _ModelRunner
+from dfm_hf.schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
+
+PROMPTS = ["def f(x):", "import os, sys\nclass A:", "x = 1"]
+
+
+def gens(n: int = 3) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(10 + i) for i in range(n)]
+
+
+def _pipe(shift: bool = False, seed: int = 0) -> DFMPipeline:
+    if not shift:
+        return tiny_pipeline(seed=seed)
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = DFMConfig.from_preset("tiny", tokenizer=tok, logits_shift=True, num_key_value_heads=2, attention_bias=True)
+    model = DFMForMaskedGeneration(config).eval()
+    scheduler = DiscreteFlowScheduler(mask_token_id=tok.mask_token_id, vocab_size=config.vocab_size)
+    pipe = DFMPipeline(model=model, scheduler=scheduler, tokenizer=tok)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _blocks(pipe: DFMPipeline, kind: str, block_length: int = 4):
+    tok, vocab = pipe.tokenizer, pipe.model.config.vocab_size
+    if kind == "confidence":
+        return ConfidenceUnmaskingScheduler(
+            mask_token_id=tok.mask_token_id, vocab_size=vocab, block_length=block_length
+        )
+    return DiscreteFlowScheduler(
+        mask_token_id=tok.mask_token_id, vocab_size=vocab, block_length=block_length, corrector_alpha=2.0
+    )
+
+
+def test_query_layout_of_prefix_and_dual():
+    window = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1], [0] * 6]).bool()
+    dual = query_positions(window, "dual", logits_shift=False)
+    assert dual.tolist() == [[2, 3], [4, 5], [0, 0]]
+    assert query_positions(window, "dual", logits_shift=True).tolist() == [[1, 2, 3], [3, 4, 5], [0, 0, 0]]
+    prefix = query_positions(window, "prefix", logits_shift=False)
+    assert prefix.tolist() == [[2, 3, 4, 5], [4, 5, 5, 5], [0, 0, 0, 0]]
+    needs = torch.tensor([[0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1], [0] * 6]).bool()
+    assert keep_in_slice(needs, prefix).tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("shift", [False, True], ids=["plain", "shifted-gqa-bias"])
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_partial_forward_against_a_fresh_cache_equals_the_full_forward(mode, shift):
+    pipe = _pipe(shift)
+    pipe.scheduler = _blocks(pipe, "confidence")
+    sample, condition, attention, _ = pipe.prepare_inputs(PROMPTS, None, 12)
+    drop = condition & attention.bool()
+    for guidance in (1.0, 2.5):
+        pipe._guidance_scale = guidance
+        runner = _ModelRunner(pipe, attention, drop, True, True)
+        sched = pipe.scheduler
+        sched.set_timesteps(6)
+        x = sample.clone()
+        for t in sched.timesteps:
+            plan = sched.plan_step(x, t, condition_mask=condition)
+            state = BlockCacheState(mode, 1)
+            exact = runner.logits(x, plan)
+            cached = runner.cached_logits(x, plan, state)
+            assert cached.shape == exact.shape
+            assert torch.allclose(cached, exact, atol=1e-5, rtol=0), (cached - exact).abs().max()
+            x = sched.step(exact, t, x, condition_mask=condition, plan=plan).prev_sample
+
+
+@pytest.mark.parametrize("kind", ["confidence", "flow"])
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_refresh_every_step_gives_the_exact_tokens_and_stale_caches_refresh_per_block(kind, mode):
+    pipe = _pipe()
+    pipe.scheduler = _blocks(pipe, kind)
+    kw = dict(gen_length=12, num_inference_steps=12, output_type="pt")
+    exact = pipe(PROMPTS, generator=gens(), **kw)
+    reference = pipe(PROMPTS, generator=gens(), kv_cache=None, skip_idle_steps=False, use_logits_to_keep=False, **kw)
+    assert torch.equal(exact.sequences, reference.sequences)  # kv_cache=None is the exact path
+    fresh = pipe(PROMPTS, generator=gens(), kv_cache=mode, kv_cache_refresh_steps=1, **kw)
+    assert torch.equal(fresh.sequences, exact.sequences)
+    stale = pipe(PROMPTS, generator=gens(), kv_cache=mode, **kw)
+    assert not (stale.sequences == pipe.tokenizer.mask_token_id).any()
+    # one refresh per block (3 blocks of 4) on top of one partial forward per step that reads logits
+    assert stale.nfe == 3 + exact.nfe
+    solo = pipe(PROMPTS[1], generator=gens()[1:2], kv_cache=mode, **kw)  # per-row generators: batch-invariant
+    assert torch.equal(solo.sequences[0], stale.sequences[1, : solo.sequences.shape[1]])
+
+
+def test_shifted_model_with_guidance_and_padding():
+    pipe = _pipe(shift=True)
+    pipe.scheduler = _blocks(pipe, "confidence")
+    kw = dict(gen_length=8, num_inference_steps=8, output_type="pt", guidance_scale=1.5)
+    exact = pipe(PROMPTS, **kw)
+    for mode in ("prefix", "dual"):
+        assert torch.equal(pipe(PROMPTS, kv_cache=mode, kv_cache_refresh_steps=1, **kw).sequences, exact.sequences)
+
+
+def test_cache_with_a_compiled_model():
+    pipe = _pipe()
+    pipe.scheduler = _blocks(pipe, "confidence")
+    kw = dict(gen_length=8, num_inference_steps=8, output_type="pt")
+    exact = pipe(PROMPTS[:2], kv_cache="dual", kv_cache_refresh_steps=1, **kw)
+    torch._dynamo.reset()
+    pipe.model = torch.compile(pipe.model, backend="aot_eager", dynamic=True)
+    compiled = pipe(PROMPTS[:2], kv_cache="dual", kv_cache_refresh_steps=1, **kw)
+    assert torch.equal(compiled.sequences, exact.sequences)
+
+
+def test_bad_combinations_are_refused_clearly():
+    pipe = _pipe()
+    with pytest.raises(ValueError, match="block_length"):
+        pipe("x", gen_length=4, num_inference_steps=2, kv_cache="dual")  # the default scheduler has no blocks
+    pipe.scheduler = _blocks(pipe, "confidence")
+    with pytest.raises(ValueError, match="kv_cache"):
+        pipe("x", gen_length=4, num_inference_steps=2, kv_cache="suffix")
+    with pytest.raises(ValueError, match="kv_cache_refresh_steps"):
+        pipe("x", gen_length=4, num_inference_steps=2, kv_cache="dual", kv_cache_refresh_steps=0)
+    with pytest.raises(ValueError, match="kv_cache_refresh_steps"):
+        pipe("x", gen_length=4, num_inference_steps=2, kv_cache_refresh_steps=2)
