@@ -93,48 +93,98 @@ class DFMPipeline(DiffusionPipeline):
         """Fetch a pipeline repo from the Hub with ``huggingface_hub.snapshot_download`` and return its folder.
 
         diffusers' own ``download`` rejects third-party components; this one fetches only safe files (json,
-        safetensors, tokenizer files, scheduler presets, the card: ``dfm_hf.hub.PIPELINE_ALLOW_PATTERNS``). Pickled
-        weights are fetched only with ``allow_pickle=True``; a repo with nothing else raises ``ValueError``. Other
-        failures raise an ``OSError`` naming the repo, revision and file (see ``dfm_hf.hub.download_pipeline``).
+        safetensors, tokenizer files, scheduler presets, the card: ``dfm_hf.hub_download.PIPELINE_ALLOW_PATTERNS``).
+        Pickled weights are fetched only with ``allow_pickle=True``; a repo with nothing else raises ``ValueError``.
+        The download arguments of :data:`DOWNLOAD_KWARGS` are passed on; other failures raise an ``OSError`` naming
+        the repo, revision and file (see ``dfm_hf.hub_download.download_pipeline``).
         """
-        from ..hub import download_pipeline
+        from ..hub_download import download_pipeline
 
         return download_pipeline(
-            pretrained_model_name,
-            allow_pickle=bool(kwargs.get("allow_pickle", False)),
-            revision=kwargs.get("revision"),
-            cache_dir=kwargs.get("cache_dir"),
-            token=kwargs.get("token"),
-            local_files_only=bool(kwargs.get("local_files_only", False)),
-            force_download=bool(kwargs.get("force_download", False)),
+            pretrained_model_name, allow_pickle=bool(kwargs.pop("allow_pickle", False)), **_download_kwargs(kwargs)
         )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs: Any) -> DFMPipeline:
-        """Load a saved pipeline from a folder or a Hub repo id (``revision=``, ``dtype=``, ``device_map=`` work).
+        """Load a pipeline from a folder or a Hub repo id (``revision=``, ``dtype=``, ``device_map=`` work).
 
-        Weights load from safetensors only; pass ``allow_pickle=True`` to accept a ``pytorch_model.bin``.
+        A saved DFM pipeline has a ``model_index.json``. A folder or repo without one that holds a released
+        diffusion LM (LLaDA, Dream, DiffuCoder: ``config.json`` with ``model_type`` "llada" / "Dream") is converted
+        on load: model, its tokenizer (mask token set from the model's mask id), the family's default scheduler and
+        presets (see :mod:`dfm_hf.pipelines.released`). Weights load from safetensors only; pass
+        ``allow_pickle=True`` to accept a ``pytorch_model.bin`` (``use_safetensors=False`` needs it too). The
+        download arguments of :data:`DOWNLOAD_KWARGS` reach the Hub client. A missing folder, file or component
+        raises ``OSError`` naming it.
         """
         name = str(pretrained_model_name_or_path)
         allow_pickle = bool(kwargs.pop("allow_pickle", False))
-        if os.path.isdir(name):
-            folder = name
-        elif name.startswith(("/", ".", "~")) or name.count("/") > 1 or not name.strip():
-            raise ValueError(f"`pretrained_model_name_or_path` {name!r} is neither a folder nor a Hub repo id.")
-        else:
-            download_keys = ("revision", "cache_dir", "token", "local_files_only", "force_download")
-            folder = cls.download(
-                name, allow_pickle=allow_pickle, **{k: kwargs[k] for k in download_keys if k in kwargs}
+        if kwargs.get("use_safetensors") is False and not allow_pickle:
+            raise ValueError(
+                "`use_safetensors`=False loads pickled weights, which can run code: pass `allow_pickle=True` too "
+                "(only for a source you trust)."
             )
-            kwargs.pop("revision", None)
-        if not os.path.isfile(os.path.join(folder, "model_index.json")):
-            raise ValueError(f"`pretrained_model_name_or_path` {name!r} has no model_index.json: not a DFM pipeline.")
+        if not os.path.isdir(name) and (name.startswith(("/", ".", "~")) or name.count("/") > 1 or not name.strip()):
+            raise OSError(f"`pretrained_model_name_or_path` {name!r} is neither an existing folder nor a Hub repo id.")
+        if os.path.isdir(name):
+            folder: Optional[str] = name if os.path.isfile(os.path.join(name, "model_index.json")) else None
+        else:
+            folder = None if not _repo_has_model_index(name, kwargs) else "download"
+        if folder is None:
+            return cls._from_released(name, allow_pickle=allow_pickle, **kwargs)
+        if folder == "download":
+            folder = cls.download(name, allow_pickle=allow_pickle, **kwargs)
+        for key in DOWNLOAD_KWARGS:
+            kwargs.pop(key, None)
         _check_no_pickle(folder, allow_pickle)
-        kwargs["use_safetensors"] = None if allow_pickle else True  # None: safetensors first, else the pickle
+        _check_components_present(folder, name)
+        kwargs.setdefault("use_safetensors", None if allow_pickle else True)  # None: safetensors first, else pickle
         pipe = super().from_pretrained(folder, **kwargs)
         pipe.register_to_config(_name_or_path=name)
         pipe.scheduler_presets = {**default_scheduler_presets(pipe.scheduler), **load_presets_from_folder(folder)}
         return pipe
+
+    @classmethod
+    def _from_released(cls, name: str, **kwargs: Any) -> DFMPipeline:
+        """A pipeline around a released diffusion LM converted on load (no ``model_index.json``)."""
+        from .released import released_pipeline_components
+
+        components = released_pipeline_components(name, **kwargs)
+        return cls._from_components(components, name)
+
+    @classmethod
+    def _from_components(cls, components: dict[str, Any], name: str) -> DFMPipeline:
+        pipe = cls(model=components["model"], scheduler=components["scheduler"], tokenizer=components["tokenizer"])
+        pipe.register_to_config(_name_or_path=name)
+        pipe.scheduler_presets = {**pipe.scheduler_presets, **components.get("scheduler_presets", {})}
+        return pipe
+
+    @classmethod
+    def from_causal_lm(
+        cls,
+        pretrained_model_name_or_path_or_model: Any,
+        mask_token: str = "<|mask|>",
+        mask_token_id: Optional[int] = None,
+        tokenizer: Any = None,
+        **load_kwargs: Any,
+    ) -> DFMPipeline:
+        """A pipeline around :meth:`DFMForMaskedGeneration.from_causal_lm` (Llama / Mistral / Qwen2 families): the
+        converted model, the causal LM's tokenizer with the mask token added (or ``mask_token_id`` reused), the
+        default scheduler and the shipped presets. ``load_kwargs`` reach transformers (``gguf_file=``,
+        ``revision=``, ``dtype=``). The result needs diffusion adaptation training (``dfm-hf train
+        --init_from_causal_lm``) before it generates well.
+        """
+        from .released import causal_lm_pipeline_components
+
+        components = causal_lm_pipeline_components(
+            pretrained_model_name_or_path_or_model,
+            mask_token=mask_token,
+            mask_token_id=mask_token_id,
+            tokenizer=tokenizer,
+            **load_kwargs,
+        )
+        source = pretrained_model_name_or_path_or_model
+        name = source if isinstance(source, (str, os.PathLike)) else type(source).__name__
+        return cls._from_components(components, str(name))
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
         """Save model, scheduler, tokenizer and scheduler presets; each file lands atomically (temp, then rename).
@@ -634,6 +684,102 @@ def _pack_rows(sample: torch.Tensor, keep: torch.Tensor, pad: int) -> torch.Tens
     pos = torch.arange(width, device=sample.device).expand(sample.shape[0], width)
     out[pos < counts.unsqueeze(1)] = sample[keep]
     return out
+
+
+#: Download arguments ``from_pretrained`` / ``download`` pass to the Hub client (``huggingface_hub``).
+DOWNLOAD_KWARGS = (
+    "revision",
+    "cache_dir",
+    "token",
+    "local_files_only",
+    "force_download",
+    "local_dir",
+    "proxies",
+    "etag_timeout",
+    "headers",
+    "endpoint",
+    "user_agent",
+)
+
+
+def _download_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The download arguments of ``kwargs``; ``proxies`` is refused clearly (huggingface_hub >= 1.0 reads proxies
+    from the ``HTTP_PROXY`` / ``HTTPS_PROXY`` environment variables and has no such argument)."""
+    if kwargs.get("proxies") is not None:
+        raise ValueError(
+            "`proxies` is not supported by huggingface_hub >= 1.0: set the HTTP_PROXY / HTTPS_PROXY environment "
+            "variables instead."
+        )
+    return {k: kwargs[k] for k in DOWNLOAD_KWARGS if k in kwargs and k != "proxies"}
+
+
+def _repo_has_model_index(repo_id: str, kwargs: dict[str, Any]) -> bool:
+    """Whether Hub repo ``repo_id`` holds a ``model_index.json`` (a saved pipeline) rather than a bare model.
+
+    Anything but a definite "no such file" answers True, so that the pipeline download reports the error itself.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    hub = _download_kwargs(kwargs)
+    hub.pop("local_dir", None)
+    try:
+        hf_hub_download(repo_id, "model_index.json", **hub)
+        return True
+    except EntryNotFoundError:
+        return False
+    except LocalEntryNotFoundError:
+        try:  # offline: a cached bare model has its config.json in the cache
+            hf_hub_download(repo_id, "config.json", **{**hub, "local_files_only": True})
+            return False
+        except Exception:
+            return True
+    except Exception:
+        return True
+
+
+def _check_components_present(folder: str, name: str) -> None:
+    """Raise ``OSError`` naming the folder or file when a component ``model_index.json`` lists is missing."""
+    import json
+
+    path = os.path.join(folder, "model_index.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError) as err:
+        raise OSError(f"{path} of DFM pipeline {name!r} cannot be read: {err}") from err
+    if not isinstance(index, dict):
+        raise OSError(f"{path} of DFM pipeline {name!r} must hold a JSON object.")
+    needs = {"model": ("config.json",), "scheduler": ("scheduler_config.json",), "tokenizer": None}
+    for component, files in needs.items():
+        entry = index.get(component)
+        if not isinstance(entry, (list, tuple)) or entry[0] is None:
+            continue
+        sub = os.path.join(folder, component)
+        if not os.path.isdir(sub):
+            raise OSError(
+                f"DFM pipeline {name!r}: the {component!r} folder {sub} is missing (model_index.json lists it)."
+            )
+        if files is None:  # a tokenizer: at least its config and one vocabulary file
+            present = set(os.listdir(sub))
+            if "tokenizer_config.json" not in present:
+                raise OSError(f"DFM pipeline {name!r}: {os.path.join(sub, 'tokenizer_config.json')} is missing.")
+            vocab = (
+                "tokenizer.json",
+                "vocab.json",
+                "tokenizer.model",
+                "vocab.txt",
+                "spiece.model",
+                "sentencepiece.bpe.model",
+            )
+            if not present.intersection(vocab):
+                raise OSError(
+                    f"DFM pipeline {name!r}: the tokenizer folder {sub} has no vocabulary file (one of {list(vocab)})."
+                )
+            continue
+        for f in files:
+            if not os.path.isfile(os.path.join(sub, f)):
+                raise OSError(f"DFM pipeline {name!r}: {os.path.join(sub, f)} is missing.")
 
 
 def _check_no_pickle(folder: str, allow_pickle: bool) -> None:
