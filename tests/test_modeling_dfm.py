@@ -64,6 +64,16 @@ def random_ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.15) -> torch.nn.Module:
+    """Random weights everywhere (biases and norm scales too: they start at 0 / 1), reproducibly."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=g) * std
+            param.copy_(1.0 + noise if name.endswith("layernorm.weight") or name.endswith("norm.weight") else noise)
+    return model
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Config
 # ------------------------------------------------------------------------------------------------------------------
@@ -85,6 +95,15 @@ def random_ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
         (dict(hidden_dropout=1.5), "hidden_dropout"),
         (dict(rope_theta=0.0), "rope_theta"),
         (dict(rms_norm_eps=0.0), "rms_norm_eps"),
+        (dict(num_key_value_heads=3), "num_key_value_heads"),
+        (dict(num_key_value_heads=0), "num_key_value_heads"),
+        (dict(num_key_value_heads=2.0), "num_key_value_heads"),
+        (dict(head_dim=15), "head_dim"),
+        (dict(head_dim=0), "head_dim"),
+        (dict(head_dim="16"), "head_dim"),
+        (dict(attention_bias=1), "attention_bias"),
+        (dict(logits_shift="yes"), "logits_shift"),
+        (dict(tie_word_embeddings=None), "tie_word_embeddings"),
     ],
 )
 def test_config_validation_names_the_key(kwargs, key):
@@ -95,6 +114,26 @@ def test_config_validation_names_the_key(kwargs, key):
 def test_config_loss_type_error_lists_accepted_values():
     with pytest.raises(ValueError, match="generalized_kl"):
         tiny_config(loss_type="kl")
+    with pytest.raises(ValueError, match="divisor of 4"):
+        tiny_config(num_key_value_heads=3)
+
+
+def test_config_architecture_keys_defaults_and_head_dim():
+    config = tiny_config()
+    assert (config.num_key_value_heads, config.head_dim) == (4, 16)
+    assert (config.attention_bias, config.logits_shift, config.tie_word_embeddings) == (False, False, True)
+    # head_dim given: hidden_size need not be divisible by the heads
+    odd = tiny_config(hidden_size=66, head_dim=12, num_key_value_heads=2)
+    assert (odd.head_dim, odd.num_key_value_heads) == (12, 2)
+    model = DFMForMaskedGeneration(odd)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (4 * 12, 66) and attn.o_proj.weight.shape == (66, 4 * 12)
+    assert attn.k_proj.weight.shape == (2 * 12, 66) and attn.v_proj.weight.shape == (2 * 12, 66)
+    assert attn.q_proj.bias is None and attn.o_proj.bias is None
+    biased = DFMForMaskedGeneration(tiny_config(attention_bias=True))
+    names = {n for n, _ in biased.named_parameters()}
+    assert {f"model.layers.0.self_attn.{p}_proj.bias" for p in "qkv"} <= names
+    assert "model.layers.0.self_attn.o_proj.bias" not in names
 
 
 class _FakeTokenizer:
@@ -124,12 +163,23 @@ def test_presets_and_tokenizer():
         DFMConfig.from_preset("huge")
 
 
-def test_config_roundtrip(tmp_path):
-    config = tiny_config(time_conditioning=True, loss_type="generalized_kl")
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(time_conditioning=True, loss_type="generalized_kl"),
+        dict(num_key_value_heads=2, attention_bias=True, head_dim=8, logits_shift=True, tie_word_embeddings=False),
+    ],
+)
+def test_config_roundtrip(tmp_path, overrides):
+    config = tiny_config(**overrides)
     config.save_pretrained(tmp_path)
     loaded = DFMConfig.from_pretrained(tmp_path)
-    for key in ("vocab_size", "hidden_size", "mask_token_id", "time_conditioning", "loss_type", "rope_theta"):
-        assert getattr(loaded, key) == getattr(config, key)
+    keys = ("vocab_size", "hidden_size", "mask_token_id", "time_conditioning", "loss_type", "rope_theta")
+    keys += ("num_key_value_heads", "attention_bias", "head_dim", "logits_shift", "tie_word_embeddings")
+    for key in keys:
+        assert getattr(loaded, key) == getattr(config, key), key
+    for key, value in overrides.items():
+        assert getattr(loaded, key) == value, key
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -172,7 +222,7 @@ def test_save_load_identical_logits(tmp_path, time_conditioning):
     ids = random_ids()
     t = torch.tensor([0.25, 0.75])
     with torch.no_grad():
-        expected = model(ids, t).logits
+        expected = model(ids, timesteps=t).logits
     model.save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))
     assert {"model.safetensors", "config.json", "modeling_dfm.py", "configuration_dfm.py"} <= files
@@ -184,11 +234,11 @@ def test_save_load_identical_logits(tmp_path, time_conditioning):
         assert isinstance(loaded, DFMForMaskedGeneration)
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
         with torch.no_grad():
-            assert torch.equal(loaded(ids, t).logits, expected)
+            assert torch.equal(loaded(ids, timesteps=t).logits, expected)
     eager = DFMForMaskedGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert eager.config._attn_implementation == "eager"
     with torch.no_grad():
-        torch.testing.assert_close(eager(ids, t).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(eager(ids, timesteps=t).logits, expected, atol=1e-5, rtol=1e-5)
 
 
 _REMOTE_SCRIPT = textwrap.dedent(
@@ -220,18 +270,26 @@ _REMOTE_SCRIPT = textwrap.dedent(
     assert not [m for m in sys.modules if m == "dfm_hf" or m.startswith("dfm_hf.")]
     data = torch.load(inputs)
     with torch.no_grad():
-        logits = model(data["input_ids"], data["timesteps"]).logits
+        logits = model(input_ids=data["input_ids"], timesteps=data["timesteps"]).logits
     torch.save(logits, output)
     """
 )
 
 
 def test_remote_code_loads_without_dfm_hf(tmp_path):
-    model = make_model(time_conditioning=True)
+    model = make_model(
+        time_conditioning=True,
+        num_key_value_heads=2,
+        attention_bias=True,
+        head_dim=8,
+        logits_shift=True,
+        tie_word_embeddings=False,
+    )
+    randomize_(model, seed=4)
     ids = random_ids()
     t = torch.tensor([0.1, 0.9])
     with torch.no_grad():
-        expected = model(ids, t).logits
+        expected = model(ids, timesteps=t).logits
     checkpoint = tmp_path / "checkpoint"
     model.save_pretrained(checkpoint)
     torch.save({"input_ids": ids, "timesteps": t}, tmp_path / "inputs.pt")
@@ -266,10 +324,10 @@ def test_sdpa_matches_eager(time_conditioning):
     mask = torch.ones(3, 16, dtype=torch.long)
     mask[1, 10:] = 0
     with torch.no_grad():
-        sdpa = model(ids, t, attention_mask=mask).logits
+        sdpa = model(ids, timesteps=t, attention_mask=mask).logits
         model.set_attn_implementation("eager")
         assert model.config._attn_implementation == "eager"
-        eager = model(ids, t, attention_mask=mask).logits
+        eager = model(ids, timesteps=t, attention_mask=mask).logits
     torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
 
 
@@ -284,10 +342,10 @@ def test_padding_does_not_change_real_positions(attn_implementation):
     other[0, 9:] = torch.randint(0, VOCAB, (7,), generator=torch.Generator().manual_seed(5))
     t = torch.tensor([0.3, 0.6])
     with torch.no_grad():
-        a = model(ids, t, attention_mask=mask).logits
-        b = model(other, t, attention_mask=mask).logits
-        alone = model(ids[:1, :9], t[:1]).logits
-        fully_padded = model(ids, t, attention_mask=torch.zeros_like(mask)).logits
+        a = model(ids, timesteps=t, attention_mask=mask).logits
+        b = model(other, timesteps=t, attention_mask=mask).logits
+        alone = model(ids[:1, :9], timesteps=t[:1]).logits
+        fully_padded = model(ids, timesteps=t, attention_mask=torch.zeros_like(mask)).logits
     torch.testing.assert_close(a[0, :9], b[0, :9], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a[1], b[1], atol=0.0, rtol=0.0)
     torch.testing.assert_close(a[0, :9], alone[0], atol=1e-5, rtol=1e-5)
@@ -301,12 +359,12 @@ def test_logits_to_keep_bool_and_index():
     seen: list[tuple[int, ...]] = []
     handle = model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
     with torch.no_grad():
-        full = model(ids, t).logits
+        full = model(ids, timesteps=t).logits
         keep = torch.rand(3, 10, generator=torch.Generator().manual_seed(0)) < 0.3
-        packed = model(ids, t, logits_to_keep=keep).logits
+        packed = model(ids, timesteps=t, logits_to_keep=keep).logits
         idx = torch.tensor([7, 0, 3])
-        gathered = model(ids, t, logits_to_keep=idx).logits
-        negative = model(ids, t, logits_to_keep=torch.tensor([-1])).logits
+        gathered = model(ids, timesteps=t, logits_to_keep=idx).logits
+        negative = model(ids, timesteps=t, logits_to_keep=torch.tensor([-1])).logits
     handle.remove()
     assert packed.shape == (int(keep.sum()), VOCAB)
     torch.testing.assert_close(packed, full[keep], atol=1e-6, rtol=1e-6)
@@ -341,7 +399,7 @@ def test_gradient_checkpointing_same_gradients():
 
     def grads():
         model.zero_grad()
-        model(ids, t, labels=ids).loss.backward()
+        model(ids, timesteps=t, labels=ids).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     reference = grads()
@@ -386,7 +444,8 @@ def test_overfit_single_batch():
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # peft 0.21 calls a transformers API deprecated in 5.x
 def test_peft_lora_trains_and_merges():
-    peft = pytest.importorskip("peft")
+    import peft  # a core dependency of dfm_hf: never skipped
+
     model = make_model()
     x_t, labels = _masked_batch(seed=3)
     peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -426,8 +485,8 @@ def test_time_conditioning_on_and_off():
     plain = make_model(time_conditioning=False)
     with torch.no_grad():
         a = plain(ids).logits
-        b = plain(ids, torch.tensor([0.1, 0.9])).logits
-        c = plain(ids, 0.5).logits
+        b = plain(ids, timesteps=torch.tensor([0.1, 0.9])).logits
+        c = plain(ids, timesteps=0.5).logits
     assert torch.equal(a, b) and torch.equal(a, c)
 
     # True at initialisation: adaLN-Zero -> blocks are identities, output does not depend on t yet
@@ -438,20 +497,20 @@ def test_time_conditioning_on_and_off():
         if "modulation" in name:
             assert torch.count_nonzero(param) == 0, name
     with torch.no_grad():
-        torch.testing.assert_close(fresh(ids, 0.1).logits, fresh(ids, 0.9).logits)
+        torch.testing.assert_close(fresh(ids, timesteps=0.1).logits, fresh(ids, timesteps=0.9).logits)
 
     # True once trained (perturbed): depends on t; scalar forms equal the per-row form
     timed = make_model(time_conditioning=True)
     with torch.no_grad():
-        low = timed(ids, torch.tensor([0.1, 0.1])).logits
-        high = timed(ids, torch.tensor([0.9, 0.9])).logits
-        scalar = timed(ids, 0.1).logits
-        zero_d = timed(ids, torch.tensor(0.1)).logits
+        low = timed(ids, timesteps=torch.tensor([0.1, 0.1])).logits
+        high = timed(ids, timesteps=torch.tensor([0.9, 0.9])).logits
+        scalar = timed(ids, timesteps=0.1).logits
+        zero_d = timed(ids, timesteps=torch.tensor(0.1)).logits
     assert (low - high).abs().max() > 1e-3
     torch.testing.assert_close(scalar, low)
     torch.testing.assert_close(zero_d, low)
     timed.train()
-    loss = timed(ids, torch.rand(2), labels=ids).loss
+    loss = timed(ids, timesteps=torch.rand(2), labels=ids).loss
     loss.backward()
     assert timed.model.time_embedding.linear_1.weight.grad is not None
     with pytest.raises(ValueError, match="timesteps"):
@@ -501,7 +560,7 @@ def test_generalized_kl_matches_direct_computation():
     rate = losses.kappa_rate(t, "polynomial", 2.0)
     torch.testing.assert_close(rate, 2 * t / (1 - t**2))
     with torch.no_grad():
-        out = model(x_t, t, labels=labels, kappa_rate=rate)
+        out = model(x_t, timesteps=t, labels=labels, kappa_rate=rate)
     probs = torch.softmax(out.logits.double(), dim=-1)
     terms = []
     for b in range(3):
@@ -522,12 +581,12 @@ def test_generalized_kl_matches_direct_computation():
     torch.testing.assert_close(helper, out.loss)
     # packed logits_to_keep gives the same loss
     with torch.no_grad():
-        packed = model(x_t, t, labels=labels, kappa_rate=rate, logits_to_keep=labels != -100).loss
+        packed = model(x_t, timesteps=t, labels=labels, kappa_rate=rate, logits_to_keep=labels != -100).loss
     torch.testing.assert_close(packed, out.loss, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="kappa_rate"):
-        model(x_t, t, labels=labels)
+        model(x_t, timesteps=t, labels=labels)
     with pytest.raises(ValueError, match="kappa_rate"):
-        model(x_t, t, labels=labels, kappa_rate=torch.ones(2))
+        model(x_t, timesteps=t, labels=labels, kappa_rate=torch.ones(2))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -538,8 +597,6 @@ def test_generalized_kl_matches_direct_computation():
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        (dict(input_ids=torch.tensor([[0, 1, VOCAB]])), "input_ids"),
-        (dict(input_ids=torch.tensor([[-1, 1, 2]])), "input_ids"),
         (dict(input_ids=torch.zeros(1, 65, dtype=torch.long)), "input_ids"),
         (dict(input_ids=torch.zeros(4, dtype=torch.long)), "input_ids"),
         (dict(input_ids=torch.zeros(1, 4)), "input_ids"),
@@ -551,8 +608,18 @@ def test_generalized_kl_matches_direct_computation():
         (dict(logits_to_keep=torch.ones(2, 3, dtype=torch.bool)), "logits_to_keep"),
         (dict(logits_to_keep=torch.zeros(2, 2, dtype=torch.long)), "logits_to_keep"),
         (dict(logits_to_keep=torch.tensor([0.5])), "logits_to_keep"),
-        (dict(logits_to_keep=torch.tensor([6])), "logits_to_keep"),
-        (dict(logits_to_keep=3), "logits_to_keep"),
+        (dict(logits_to_keep=-1), "logits_to_keep"),
+        (dict(logits_to_keep=True), "logits_to_keep"),
+        (dict(logits_to_keep=2.0), "logits_to_keep"),
+        (dict(attention_mask=torch.ones(2, 1, 6, 5)), "attention_mask"),
+        (dict(attention_mask=torch.ones(2, 1, 6, 6, dtype=torch.long)), "attention_mask"),
+        (dict(attention_mask=torch.ones(2, 6, 6)), "attention_mask"),
+        (dict(attention_mask=0.5), "attention_mask"),
+        (dict(position_ids=torch.arange(5)), "position_ids"),
+        (dict(position_ids=torch.zeros(3, 6, dtype=torch.long)), "position_ids"),
+        (dict(position_ids=torch.zeros(2, 6)), "position_ids"),
+        (dict(past_key_values="cache"), "past_key_values"),
+        (dict(past_key_values=[(torch.zeros(2, 4, 6, 16), torch.zeros(2, 4, 6, 16))]), "past_key_values"),
     ],
 )
 def test_bad_inputs_raise_value_error_naming_the_argument(kwargs, name):
@@ -563,3 +630,236 @@ def test_bad_inputs_raise_value_error_naming_the_argument(kwargs, name):
         call["timesteps"] = torch.rand(call["input_ids"].shape[0])
     with pytest.raises(ValueError, match=name):
         model(**call)
+
+
+def test_positional_timesteps_are_refused():
+    """`attention_mask` is the second positional argument (transformers' order): a time there is refused."""
+    model = make_model(time_conditioning=True)
+    ids = random_ids()
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(ids, torch.tensor([0.2, 0.4]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(ids, 0.5)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Architecture against transformers' own Llama / Qwen2 (same weights copied in)
+# ------------------------------------------------------------------------------------------------------------------
+
+BUNDLED = os.path.join(os.path.dirname(__file__), os.pardir, "src", "dfm_hf", "bundled", "dfm-code-stdlib", "model")
+
+
+def reference_lm(model: DFMForMaskedGeneration, kind: str) -> torch.nn.Module:
+    """transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` holding ``model``'s weights (eager attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    c = model.config
+    common = dict(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        tie_word_embeddings=c.tie_word_embeddings,
+        hidden_act="silu",
+    )
+    if kind == "llama":
+        assert not c.attention_bias  # Llama's attention_bias also puts a bias on o_proj
+        config, cls = LlamaConfig(head_dim=c.head_dim, **common), LlamaForCausalLM
+    else:
+        assert c.attention_bias and c.head_dim == c.hidden_size // c.num_attention_heads
+        config, cls = Qwen2Config(**common), Qwen2ForCausalLM
+    config._attn_implementation = "eager"
+    reference = cls(config).eval()
+    reference.load_state_dict(model.state_dict(), strict=True)
+    return reference
+
+
+def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """``(batch, 1, q, k)`` additive float mask: 0 where ``allowed``, ``finfo(float32).min`` elsewhere."""
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def right_padded(batch: int, length: int, lengths: list[int], seed: int = 2, vocab: int = VOCAB):
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = (torch.arange(length)[None] < torch.tensor(lengths)[:, None]).long()
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+def test_bundled_checkpoint_matches_llama_with_bidirectional_mask():
+    """Regression guard for the defaults: the bundled checkpoint (saved before GQA / bias / head_dim / shift existed)
+    is a Llama with bidirectional attention; transformers' LlamaModel given a bidirectional additive mask and the same
+    weights is the independent reference."""
+    model = DFMForMaskedGeneration.from_pretrained(BUNDLED).eval()
+    c = model.config
+    assert (c.num_key_value_heads, c.head_dim, c.attention_bias, c.logits_shift) == (4, 64, False, False)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    reference = reference_lm(model, "llama")
+    ids, mask = right_padded(3, 40, [40, 30, 11], vocab=c.vocab_size)
+    allowed = mask.bool()[:, None, None, :].expand(3, 1, 40, 40)
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask).logits
+        ours_plain = model(ids).logits
+        theirs = reference(ids, attention_mask=additive_mask(allowed)).logits
+        theirs_plain = reference(ids, attention_mask=additive_mask(torch.ones(3, 1, 40, 40, dtype=torch.bool))).logits
+    real = mask.bool()
+    assert (ours[real] - theirs[real]).abs().max() < 1e-4
+    assert (ours_plain - theirs_plain).abs().max() < 1e-4
+    assert (ours_plain[1, :30] - ours[1, :30]).abs().max() > 1e-3  # the padding mask matters
+
+
+ARCHITECTURES = {
+    # Dream / DiffuCoder / Qwen2: GQA, q/k/v biases, shifted logits, untied head
+    "qwen2": dict(num_key_value_heads=2, attention_bias=True, logits_shift=True, tie_word_embeddings=False),
+    # Llama / Mistral: GQA, head_dim != hidden / heads, shifted logits, untied head
+    "llama": dict(
+        hidden_size=48,
+        num_key_value_heads=1,
+        head_dim=16,
+        logits_shift=True,
+        tie_word_embeddings=False,
+        rope_theta=500.0,
+    ),
+}
+
+
+def adapted_model(kind: str, seed: int = 0) -> DFMForMaskedGeneration:
+    return randomize_(make_model(seed, **ARCHITECTURES[kind]), seed=seed)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_adapted_architecture_matches_transformers_bidirectional(kind):
+    model = adapted_model(kind)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    reference = reference_lm(model, kind)
+    ids, mask = right_padded(3, 14, [14, 9, 5])
+    allowed = mask.bool()[:, None, None, :].expand(3, 1, 14, 14)
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask).logits
+        theirs = reference(ids, attention_mask=additive_mask(allowed)).logits
+    # logits_shift: our position i reads their position i - 1 (position 0 its own)
+    shifted = torch.cat([theirs[:, :1], theirs[:, :-1]], dim=1)
+    real = mask.bool()
+    assert (ours[real] - shifted[real]).abs().max() < 1e-4
+    assert (ours[real] - theirs[real]).abs().max() > 1e-2  # the shift is real
+    with torch.no_grad():
+        # a bool 4-D mask (True = attend) and the additive float one are the same mask
+        as_bool = model(ids, attention_mask=allowed).logits
+        as_float = model(ids, attention_mask=additive_mask(allowed)).logits
+    torch.testing.assert_close(as_bool, ours, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(as_float, ours, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_causal_mask_reproduces_next_token_logits(kind, attn_implementation):
+    """With a 4-D causal additive mask, a ``logits_shift`` model is the causal LM: our position i = their i - 1."""
+    model = adapted_model(kind, seed=1)
+    model.set_attn_implementation(attn_implementation)
+    reference = reference_lm(model, kind)
+    ids, mask = right_padded(2, 12, [12, 7], seed=5)
+    causal = torch.tril(torch.ones(12, 12, dtype=torch.bool))[None, None] & mask.bool()[:, None, None, :]
+    with torch.no_grad():
+        ours = model(ids, attention_mask=additive_mask(causal)).logits
+        theirs = reference(ids, attention_mask=mask).logits  # their own causal + padding mask
+    for row, length in enumerate([12, 7]):
+        assert (ours[row, 1:length] - theirs[row, : length - 1]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_tied_and_untied_heads_save_and_load(tmp_path, tie):
+    from safetensors import safe_open
+
+    model = randomize_(make_model(tie_word_embeddings=tie), seed=3)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) is tie
+    ids = random_ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert "model.embed_tokens.weight" in saved
+    if not tie:
+        assert "lm_head.weight" in saved
+        with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+            assert not torch.equal(f.get_tensor("lm_head.weight"), f.get_tensor("model.embed_tokens.weight"))
+    loaded = DFMForMaskedGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.tie_word_embeddings is tie
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) is tie
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight, atol=0.0, rtol=0.0)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_logits_to_keep_int_and_with_logits_shift():
+    for overrides in (dict(), dict(logits_shift=True)):
+        model = randomize_(make_model(**overrides), seed=6)
+        ids = random_ids(2, 10)
+        labels = torch.where(torch.arange(10)[None] >= 6, ids, torch.full_like(ids, -100))
+        with torch.no_grad():
+            full = model(ids, labels=labels)
+            last = model(ids, logits_to_keep=3).logits
+            zero = model(ids, logits_to_keep=0).logits
+            keep = torch.zeros(2, 10, dtype=torch.bool)
+            keep[0, [0, 4]] = True
+            keep[1, 9] = True
+            packed = model(ids, logits_to_keep=keep).logits
+            index = model(ids, logits_to_keep=torch.tensor([0, 5])).logits
+            kept_loss = model(ids, labels=labels, logits_to_keep=4).loss
+        assert last.shape == (2, 3, VOCAB)
+        torch.testing.assert_close(last, full.logits[:, -3:], atol=1e-6, rtol=1e-6)
+        assert torch.equal(zero, full.logits)
+        torch.testing.assert_close(packed, full.logits[keep], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(index, full.logits[:, [0, 5]], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(kept_loss, full.loss, atol=1e-6, rtol=1e-6)  # labels only in the last 4
+
+
+def test_position_ids_select_rotary_rows():
+    model = randomize_(make_model(num_key_value_heads=2), seed=7)
+    ids = random_ids(2, 12)
+    arange = torch.arange(12).expand(2, 12)
+    with torch.no_grad():
+        default = model(ids).logits
+        explicit = model(ids, position_ids=arange).logits
+        one_d = model(ids, position_ids=torch.arange(12)).logits
+        # bidirectional attention with rotary embeddings only sees relative positions: an offset changes nothing
+        offset = model(ids, position_ids=arange + 17).logits
+        # and it is permutation-equivariant when the positions travel with the tokens
+        perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+        permuted = model(ids[:, perm], position_ids=arange[:, perm]).logits
+        stretched = model(ids, position_ids=arange * 2).logits
+    torch.testing.assert_close(explicit, default, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(one_d, default, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(offset, default, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(permuted, default[:, perm], atol=1e-5, rtol=1e-5)
+    assert (stretched - default).abs().max() > 1e-3
+
+
+def test_rotary_tables_are_cached_not_rebuilt():
+    model = make_model()
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        model(ids)
+    tables = dict(model.model.rotary_emb._tables)
+    assert len(tables) == 1
+    ((cos, _),) = tables.values()
+    with torch.no_grad():
+        model(random_ids(2, 8))
+    ((again, _),) = model.model.rotary_emb._tables.values()
+    assert again is cos  # shorter sequences reuse the table
+    assert not any("rotary" in key for key in model.state_dict())
+
+
+def test_bundled_remote_code_matches_the_library():
+    """The bundled checkpoint's remote-code files are copies of the library's model files (they must not drift)."""
+    source = os.path.join(os.path.dirname(__file__), os.pardir, "src", "dfm_hf", "models")
+    for name in ("configuration_dfm.py", "modeling_dfm.py"):
+        with (
+            open(os.path.join(source, name), encoding="utf-8") as a,
+            open(os.path.join(BUNDLED, name), encoding="utf-8") as b,
+        ):
+            assert a.read() == b.read(), f"{name}: copy src/dfm_hf/models/{name} into the bundled model folder"

@@ -55,12 +55,23 @@ class DFMConfig(PretrainedConfig):
 
     Args:
         vocab_size: number of token ids (including the mask token, when there is one).
-        hidden_size: width of the residual stream; divisible by ``num_attention_heads``.
+        hidden_size: width of the residual stream; divisible by ``num_attention_heads`` unless ``head_dim`` is given.
         num_hidden_layers: number of transformer layers.
-        num_attention_heads: attention heads; ``hidden_size / num_attention_heads`` must be even (rotary).
+        num_attention_heads: query heads.
         intermediate_size: width of the gated SiLU MLP.
-        max_position_embeddings: longest accepted sequence.
+        max_position_embeddings: longest accepted sequence (and largest position id + 1).
         rope_theta: base wavelength of the rotary position embeddings.
+        num_key_value_heads: key/value heads (grouped-query attention: each key/value head serves
+            ``num_attention_heads / num_key_value_heads`` query heads, which must be an integer). ``None`` means
+            ``num_attention_heads`` (plain multi-head attention); the resolved number is stored.
+        attention_bias: learned biases on the query / key / value projections (none on the output projection: the
+            Qwen2 / Dream convention).
+        head_dim: width of one attention head; ``None`` means ``hidden_size // num_attention_heads`` (the resolved
+            number is stored). It must be even (rotary). Where given, ``q_proj`` maps ``hidden_size`` to
+            ``num_attention_heads * head_dim`` and ``o_proj`` maps it back.
+        logits_shift: the output head reads the hidden state at position ``i - 1`` to predict token ``i`` (position 0
+            reads its own): the convention of Dream / DiffuCoder and of causal LMs adapted to diffusion. The logits at
+            ``i`` still parametrise ``p_{1|t}(x^i | x_t)``; the shift is internal to the model.
         time_conditioning: add adaLN-Zero time modulation (DiT); ``False`` builds no time parameters and ignores ``t``
             (enough for the mask source, whose posterior does not depend on ``t``).
         mask_token_id: id of the ``[MASK]`` source token, or ``None`` (e.g. a uniform-source model).
@@ -98,6 +109,10 @@ class DFMConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         rms_norm_eps: float = 1e-6,
         loss_type: str = "ce",
+        num_key_value_heads: Optional[int] = None,
+        attention_bias: bool = False,
+        head_dim: Optional[int] = None,
+        logits_shift: bool = False,
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -114,6 +129,10 @@ class DFMConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.rms_norm_eps = rms_norm_eps
         self.loss_type = loss_type
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.attention_bias = attention_bias
+        self.head_dim = head_dim
+        self.logits_shift = logits_shift
         self._validate_sizes()  # before the base class: its own validators divide by these
         # Special ids and tying go through the base class so that both transformers 4.x and 5.x store them.
         super().__init__(
@@ -125,39 +144,45 @@ class DFMConfig(PretrainedConfig):
         )
         self._validate()
 
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.hidden_size // self.num_attention_heads
-
     def _validate_sizes(self) -> None:
         for key in (
             "vocab_size",
             "hidden_size",
             "num_hidden_layers",
             "num_attention_heads",
+            "num_key_value_heads",
             "intermediate_size",
             "max_position_embeddings",
         ):
             value = getattr(self, key)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"`{key}` must be a positive integer, got {value!r}.")
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
-                f"({self.num_attention_heads})."
-            )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads != 0:
+                raise ValueError(
+                    f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                    f"({self.num_attention_heads}), or give `head_dim` explicitly."
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        elif not _is_int(self.head_dim) or self.head_dim < 1:
+            raise ValueError(f"`head_dim` must be None or a positive even integer, got {self.head_dim!r}.")
         if self.head_dim % 2 != 0:
             raise ValueError(
-                f"`hidden_size / num_attention_heads` (head dim {self.head_dim}) must be even for rotary embeddings; "
-                f"change `hidden_size` ({self.hidden_size}) or `num_attention_heads` ({self.num_attention_heads})."
+                f"`head_dim` (head dim {self.head_dim}) must be even for rotary embeddings; change `head_dim`, "
+                f"`hidden_size` ({self.hidden_size}) or `num_attention_heads` ({self.num_attention_heads})."
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"`num_attention_heads` ({self.num_attention_heads}) must be divisible by `num_key_value_heads` "
+                f"({self.num_key_value_heads}); accepted `num_key_value_heads`: None or a divisor of "
+                f"{self.num_attention_heads}."
             )
 
     def _validate(self) -> None:
         self._validate_sizes()
         if not _is_number(self.rope_theta) or self.rope_theta <= 0:
             raise ValueError(f"`rope_theta` must be a finite number > 0, got {self.rope_theta!r}.")
-        for key in ("time_conditioning", "tie_word_embeddings"):
+        for key in ("time_conditioning", "tie_word_embeddings", "attention_bias", "logits_shift"):
             value = getattr(self, key)
             if not isinstance(value, bool):
                 raise ValueError(f"`{key}` must be True or False, got {value!r}.")
