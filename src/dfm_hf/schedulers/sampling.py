@@ -26,11 +26,8 @@ def process_logits(
     top_p: Optional[float] = None,
     forbidden_token_id: Optional[int] = None,
     dtype: torch.dtype = torch.float64,
-    normalize: bool = True,
 ) -> torch.Tensor:
     """Validate (K, vocab) logit rows and return log-probabilities after temperature, top-k and top-p.
-
-    ``normalize=False`` returns the validated logits (forbidden token at ``-inf``) without any further processing.
 
     ``log p = log_softmax(filter(logits / temperature))``; ``forbidden_token_id`` (the mask token) gets probability 0.
     Raises ``ValueError`` naming ``model_output`` on NaN or +inf logits, or a row with no allowed finite logit.
@@ -47,10 +44,6 @@ def process_logits(
             converted = converted.clone()
         converted[:, forbidden_token_id] = -math.inf
     rows = converted
-    if not normalize:
-        if bool((rows.amax(-1) == -math.inf).any()):
-            raise ValueError("`model_output` has a row whose only finite logit is the mask token (nothing to draw).")
-        return rows
     if temperature == 0:
         # Greedy: the one-hot log-probabilities (0 at the arg-max, -inf elsewhere) are already normalised, and top-k /
         # top-p keep the arg-max, so log_softmax and the filters would return them unchanged.
@@ -70,6 +63,31 @@ def process_logits(
     if bool(torch.isnan(log_probs[:, 0]).any()):
         raise ValueError("`model_output` has a row whose only finite logit is the mask token (nothing to draw).")
     return log_probs
+
+
+def greedy_with_log_probability(
+    rows: torch.Tensor, forbidden_token_id: Optional[int] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The arg-max token of each (K, vocab) logit row and its log-probability ``x[token] - logsumexp(x)``.
+
+    No draw is made, so the rows are read in float32 (float64 rows stay float64): one converted copy at most, and the
+    validity checks of :func:`process_logits` are read off the ``logsumexp`` (NaN or +inf in a row makes it NaN or
+    +inf; a row with no allowed finite logit makes it -inf), not off a second pass over the rows.
+    """
+    x = rows if rows.dtype == torch.float64 else rows.to(torch.float32)
+    if x.numel() == 0:
+        return torch.empty(0, dtype=torch.long, device=rows.device), x.new_empty(0)
+    if forbidden_token_id is not None:
+        if x is rows:  # never write into the caller's tensor
+            x = x.clone()
+        x[:, forbidden_token_id] = -math.inf
+    lse = torch.logsumexp(x, dim=-1)
+    if not bool(torch.isfinite(lse).all()):
+        if bool((lse.isnan() | (lse == math.inf)).any()):
+            raise ValueError("`model_output` contains NaN or +inf logits at positions the step reads.")
+        raise ValueError("`model_output` has a row whose only finite logit is the mask token (nothing to draw).")
+    tokens = x.argmax(-1)
+    return tokens, x.gather(1, tokens.unsqueeze(1)).squeeze(1) - lse
 
 
 def inverse_cdf(log_probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ from diffusers.utils import BaseOutput
 
 from .. import paths, rng
 from ..rng import GeneratorLike, check_generator
-from .sampling import SAMPLING_DTYPES, draw_categorical, process_logits, rows_of
+from .sampling import SAMPLING_DTYPES, draw_categorical, greedy_with_log_probability, process_logits, rows_of
 from .utils import (
     DFMSchedulerMixin,
     StepPlan,
@@ -168,11 +168,8 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         ``"probability"`` the log-probability, which ranks like the probability)."""
         c = self.config
         if c.temperature == 0 and c.remasking == "low_confidence" and c.confidence == "probability":
-            # greedy (LLaDA's default): the arg-max and its log-probability log p = x[token] - logsumexp(x), from one
-            # converted copy of the rows (no one-hot distribution is built)
-            x = process_logits(rows, 1.0, None, None, c.mask_token_id, dtype, normalize=False)
-            tokens = x.argmax(-1)
-            return tokens, x.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(x, dim=-1)
+            # greedy (LLaDA's default): the arg-max and its log-probability, read in float32 (no draw is made)
+            return greedy_with_log_probability(rows, c.mask_token_id)
         plain = process_logits(rows, 1.0, None, None, c.mask_token_id, dtype)  # the model's log p_{1|t}
         if c.temperature == 0:
             tokens = plain.argmax(-1)
