@@ -1020,6 +1020,7 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
         load by ``dfm_hf.models.conversion.load_released_model`` (``dtype=``, ``device_map=``, ``revision=``... work;
         no remote code runs); ``save_pretrained`` then writes our format.
         """
+        import importlib
         import json
         import os
 
@@ -1045,17 +1046,19 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
             except Exception:  # no readable config.json: transformers reports it below
                 model_type = None
         if model_type is not None and model_type != cls.config_class.model_type:
+            # imported by name: transformers' remote-code import check must not require dfm_hf for our own files
             try:
-                from dfm_hf.models.conversion import load_released_model
+                conversion = importlib.import_module("dfm_hf.models.conversion")
             except ImportError as err:
                 raise ImportError(
                     f"{str(name)!r} is a {model_type!r} checkpoint: converting it needs the `dfm_hf` package."
                 ) from err
             if model_args:
                 raise TypeError("from_pretrained() takes no positional model arguments for a released checkpoint.")
-            return load_released_model(cls, name, **kwargs)
+            return conversion.load_released_model(cls, name, **kwargs)
 
         report = bool(kwargs.pop("output_loading_info", False))
+        lenient = report or bool(kwargs.get("ignore_mismatched_sizes"))
         try:
             model, info = super().from_pretrained(name, *model_args, output_loading_info=True, **kwargs)
         except Exception as err:
@@ -1092,6 +1095,8 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
             raise
         if report:
             return model, info
+        if lenient:
+            return model
         problems = {
             "missing": sorted(info.get("missing_keys") or []),
             "unexpected": sorted(info.get("unexpected_keys") or []),
@@ -1123,12 +1128,17 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
         for a model instance) whose embedding row (and head row, when untied) is the mean of the real tokens' rows.
         Add ``mask_token`` to the tokenizer (``tokenizer.add_special_tokens({"mask_token": mask_token})``) and it gets
         that id; ``DFMPipeline.from_causal_lm`` does it for you. Tied embeddings stay tied. Other architectures raise
-        ``ValueError``. See ``dfm_hf.models.conversion.causal_lm_to_dfm``.
+        ``ValueError``. A loaded model's weights are shared with the result, not copied (except a grown embedding /
+        head): convert a ``copy.deepcopy`` of it if the source must stay unchanged while the result trains. See
+        ``dfm_hf.models.conversion.causal_lm_to_dfm``.
         """
-        from dfm_hf.models.conversion import causal_lm_to_dfm
+        import importlib
 
+        conversion = importlib.import_module("dfm_hf.models.conversion")  # by name: see from_pretrained
         source = pretrained_model_name_or_path_or_model
-        return causal_lm_to_dfm(cls, source, mask_token=mask_token, mask_token_id=mask_token_id, **load_kwargs)
+        return conversion.causal_lm_to_dfm(
+            cls, source, mask_token=mask_token, mask_token_id=mask_token_id, **load_kwargs
+        )
 
 
 __all__ = [
