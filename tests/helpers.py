@@ -43,3 +43,19 @@ def tiny_pipeline(seed: int = 0, time_conditioning: bool = False, **scheduler_kw
     pipe = DFMPipeline(model=model, scheduler=scheduler, tokenizer=tok)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def save_lora_adapter(pipe: DFMPipeline, path, seed: int = 0, targets: tuple[str, ...] = ("q_proj", "v_proj")):
+    """A PEFT LoRA adapter (r=4 on ``targets``, random non-zero lora_B) of ``pipe.model``, saved by peft in ``path``."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(pipe.model), LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    peft_model.save_pretrained(str(path))
+    return path

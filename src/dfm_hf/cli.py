@@ -4,6 +4,7 @@
     dfm-hf generate --infill "def add(a, b):\n    return <|fill|>\n"
     dfm-hf train --stdlib --output_dir runs/dfm ...      (the flags of examples/train_dfm.py)
     dfm-hf evaluate --model runs/dfm ...                 (the flags of examples/evaluate.py)
+    dfm-hf lm-eval --model_args pretrained=runs/dfm --tasks stdlib_next_line   (lm-eval's flags; extra `eval`)
 
 Generated text goes to stdout, progress bars and messages to stderr. Exit codes: 0 success, 2 bad input.
 """
@@ -15,12 +16,11 @@ import os
 import sys
 from typing import Optional
 
+from .bundled_model import bundled_model_path, require_bundled_model
+
+__all__ = ["FILL_MARKER", "bundled_model_path", "generate", "main"]
+
 FILL_MARKER = "<|fill|>"
-
-
-def bundled_model_path() -> str:
-    """Folder of the DFM code model shipped inside the package."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled", "dfm-code-stdlib")
 
 
 def _generate_parser() -> argparse.ArgumentParser:
@@ -50,9 +50,7 @@ def generate(argv: Optional[list[str]] = None) -> int:
 
     from .pipelines import DFMPipeline
 
-    model = args.model or bundled_model_path()
-    if args.model is None and not os.path.isfile(os.path.join(model, "model_index.json")):
-        raise ValueError(f"the bundled model is missing at {model}; pass `--model` (a folder or Hub id).")
+    model = args.model or require_bundled_model()
     if args.model is not None and os.path.exists(model) and not os.path.isdir(model):
         raise ValueError(f"`--model` {model!r} is a file; pass a pipeline folder or a Hub repo id.")
     for name in ("num_inference_steps", "num_samples", "fill_length"):
@@ -65,7 +63,10 @@ def generate(argv: Optional[list[str]] = None) -> int:
         raise ValueError(f"`--model` {model!r} could not be loaded as a DFM pipeline: {type(e).__name__}: {e}") from e
     pipe.to(args.device)
     if args.scheduler_preset:
-        pipe.load_scheduler_preset(args.scheduler_preset)
+        try:
+            pipe.load_scheduler_preset(args.scheduler_preset)
+        except ValueError as e:
+            raise ValueError(f"`--scheduler-preset` {args.scheduler_preset!r}: {e}") from e
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     gen_length = args.gen_length
     if args.infill:
@@ -91,7 +92,7 @@ def generate(argv: Optional[list[str]] = None) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``dfm-hf``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("generate", "train", "evaluate")
+    commands = ("generate", "train", "evaluate", "lm-eval")
     if not argv or argv[0] not in commands:
         print(f"usage: dfm-hf {{{','.join(commands)}}} [options]  (dfm-hf COMMAND --help)", file=sys.stderr)
         return 2
@@ -104,6 +105,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             train_main(rest)
             return 0
+        if command == "lm-eval":
+            from .evaluation.harness import cli_main
+
+            return cli_main(rest)
         from .evaluation.cli import main as evaluate_main
 
         return evaluate_main(rest) or 0

@@ -3,8 +3,9 @@
 - Model cards: :func:`render_pipeline_card`, :func:`render_lora_card`, :func:`write_training_card`.
 - Pushing: :func:`push_pipeline_to_hub` (what ``DFMPipeline.push_to_hub`` runs), :func:`push_pipeline_folder`,
   :func:`push_scheduler_preset`, :func:`push_lora_adapter`. Each push is a single commit.
-- Pulling: :func:`download_pipeline` / :func:`download_snapshot` (what ``DFMPipeline.download`` and
-  ``load_lora_weights`` run): ``snapshot_download`` of safe files only, with errors that name the repo and the file.
+- Pulling (defined in :mod:`dfm_hf.hub_download`, re-exported here): :func:`download_pipeline` /
+  :func:`download_snapshot` (what ``DFMPipeline.download`` and ``load_lora_weights`` run): ``snapshot_download`` of
+  safe files only, with errors that name the repo and the file.
 - :func:`list_scheduler_presets` of a folder or a Hub repo.
 """
 
@@ -12,54 +13,93 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from importlib import resources
 from typing import Any, Optional
 
+from .hub_download import (  # noqa: F401 - re-exported: dfm_hf.hub is the public home of the Hub helpers
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PICKLE_ALLOW_PATTERNS,
+    PICKLE_SUFFIXES,
+    PIPELINE_ALLOW_PATTERNS,
+    download_pipeline,
+    download_snapshot,
+    local_adapter_files,
+)
 from .pipelines.presets import _PRESET_CLASSES, PRESET_SPECS, PRESETS_DIR
 
 TAGS = ["discrete-flow-matching", "dfm_hf", "text-generation", "code"]
 
-#: Files a pipeline download fetches: configs, safetensors weights, tokenizer files, presets, the card. Never code.
-PIPELINE_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.md"]
-#: Added to :data:`PIPELINE_ALLOW_PATTERNS` with ``allow_pickle=True``.
-PICKLE_ALLOW_PATTERNS = ["*.bin"]
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 #: Never uploaded from a pipeline folder: training checkpoints and temporary files.
 PUSH_IGNORE_PATTERNS = ["checkpoint-*", ".tmp-*", "*.incomplete", "*.tmp", ".git/*", ".cache/*", "__pycache__/*"]
 _SAVE_KWARGS = ("safe_serialization", "variant", "max_shard_size")
 _CARD_KWARGS = ("training", "metrics", "datasets", "license", "limitations")
 _DEFAULT_LIMITATIONS = "A small model: its samples are short-range plausible code, not reliable programs."
-_PIPELINE_USAGE_RE = re.compile(r"((?:DFMPipeline|DiscreteFlowScheduler)\.from_pretrained\(\s*)\"[^\"\n]*\"")
-_LORA_USAGE_RE = re.compile(r"(\.load_lora_weights\(\s*)\"[^\"\n]*\"")
-_PRESET_HEADER_RE = re.compile(r"^\|\s*preset\s*\|.*\|\s*$")
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Model cards
 # --------------------------------------------------------------------------------------------------------------------
+
+#: Known card templates (``dfm_hf/model_cards/*.md``, Jinja2, rendered by ``ModelCard.from_template``).
+_TEMPLATES = ("pipeline_card.md", "lora_card.md")
+#: Opens the HTML comment (invisible on the Hub) at the end of a card that holds the values it was rendered from.
+_INPUTS_MARKER = "<!-- dfm_hf card inputs: "
 
 
 def _template(name: str) -> str:
     return resources.files("dfm_hf").joinpath("model_cards", name).read_text(encoding="utf-8")
 
 
-def _fill(template: str, values: dict[str, str]) -> str:
-    for key, value in values.items():
-        template = template.replace("{{ " + key + " }}", value)
-    return template
+def _render(template: str, data: Any, values: dict[str, Any]) -> Any:
+    """``ModelCard.from_template`` of ``template`` with metadata ``data`` and the template ``values``, which are
+    stored (as JSON in an HTML comment) at the end of the card so that :func:`_rerender` can render it again."""
+    from huggingface_hub import ModelCard
+
+    text = str(ModelCard.from_template(data, template_str=_template(template), **values)).rstrip("\n")
+    # ">" only occurs inside JSON strings: escaping it keeps any "-->" in a value from closing the comment
+    payload = json.dumps({"template": template, "values": values}, sort_keys=True).replace(">", "\\u003e")
+    return ModelCard(f"{text}\n\n{_INPUTS_MARKER}{payload} -->\n")
 
 
-_NO_PRESETS_ROW = "| (none) | no scheduler presets are saved with this pipeline |"
+def _stored_inputs(text: str) -> Optional[tuple[str, dict[str, Any]]]:
+    """``(template, values)`` stored in a card by :func:`_render`, or None (not rendered by us, or unreadable)."""
+    start = text.rfind(_INPUTS_MARKER)
+    end = text.find(" -->", start)
+    if start < 0 or end < 0:
+        return None
+    try:
+        stored = json.loads(text[start + len(_INPUTS_MARKER) : end])
+    except ValueError:
+        return None
+    if not isinstance(stored, dict) or stored.get("template") not in _TEMPLATES:
+        return None
+    values = stored.get("values")
+    return (stored["template"], values) if isinstance(values, dict) else None
 
 
-def presets_table(names: Optional[list[str]] = None) -> str:
-    """Markdown rows ``| name | use |`` of the presets ``names`` (default: the shipped ones)."""
+def _rerender(text: str, **changes: Any) -> Optional[str]:
+    """``text`` rendered again from its stored values updated with ``changes`` (and its own metadata), or None when
+    ``text`` has no stored values or was edited after it was rendered (a card someone edited is never rewritten)."""
+    from huggingface_hub import ModelCard
+
+    stored = _stored_inputs(text)
+    if stored is None:
+        return None
+    template, values = stored
+    try:
+        data = ModelCard(text).data
+        if str(_render(template, data, values)).rstrip() != text.rstrip():
+            return None
+        return str(_render(template, data, {**values, **changes}))
+    except Exception:  # unparsable metadata or values the template cannot take: keep the card as it is
+        return None
+
+
+def preset_rows(names: Optional[list[str]] = None) -> list[tuple[str, str]]:
+    """``(name, what it is good for)`` of the presets ``names`` (default: the shipped ones), in order."""
     names = list(PRESET_SPECS) if names is None else names
-    if not names:
-        return _NO_PRESETS_ROW
-    return "\n".join(f"| `{n}` | {PRESET_SPECS[n][2] if n in PRESET_SPECS else 'custom preset'} |" for n in names)
+    return [(n, PRESET_SPECS[n][2] if n in PRESET_SPECS else "custom preset") for n in names]
 
 
 def render_pipeline_card(
@@ -71,13 +111,21 @@ def render_pipeline_card(
     limitations: str = _DEFAULT_LIMITATIONS,
     preset_names: Optional[list[str]] = None,
     evaluation_section: Optional[str] = None,
+    *,
+    training_section: Optional[str] = None,
+    load_expression: Optional[str] = None,
+    load_import: Optional[str] = None,
 ) -> Any:
     """A ``huggingface_hub.ModelCard`` for a DFM pipeline: YAML metadata, usage, presets, training, metrics.
 
     The metadata holds ``library_name: dfm_hf``, the tags, ``pipeline_tag``, ``license``, ``datasets`` (when given)
-    and a ``model-index`` with one result per numeric entry of ``metrics`` (when given).
+    and a ``model-index`` with one result per numeric entry of ``metrics`` (when given). The body is the template
+    ``dfm_hf/model_cards/pipeline_card.md``; ``training_section`` / ``evaluation_section`` (markdown) replace the
+    sections made from ``training`` / ``metrics``; the usage snippet loads ``repo_id`` unless ``load_expression``
+    (Python code, e.g. ``dfm_hf.cli.bundled_model_path()``, with ``load_import`` its import line) says otherwise.
+    The values the body was rendered from are kept in the card, so pushing it elsewhere re-renders it.
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import EvalResult, ModelCardData
 
     numeric = {
         k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -107,10 +155,11 @@ def render_pipeline_card(
         model_name=model_name,
         eval_results=eval_results,
     )
-    training_section = "Not recorded."
-    if training:
-        shown = {k: v for k, v in training.items() if not k.startswith("_") and k != "coupling_spec"}
-        training_section = "```json\n" + json.dumps(shown, indent=2, default=str) + "\n```"
+    if training_section is None:
+        training_section = "Not recorded."
+        if training:
+            shown = {k: v for k, v in training.items() if not k.startswith("_") and k != "coupling_spec"}
+            training_section = "```json\n" + json.dumps(shown, indent=2, default=str) + "\n```"
     if evaluation_section is None:
         evaluation_section = "Not measured."
         if numeric:
@@ -120,44 +169,37 @@ def render_pipeline_card(
             evaluation_section += "\n\nSamples:\n\n" + "\n\n".join(
                 "```python\n" + s + "\n```" for s in metrics["samples"]
             )
-    text = _fill(
-        _template("pipeline_card.md"),
-        {
-            "card_data": data.to_yaml(),
-            "model_name": model_name,
-            "repo_id": repo_id,
-            "presets_table": presets_table(preset_names),
-            "training_section": training_section,
-            "evaluation_section": evaluation_section,
-            "limitations": limitations,
-        },
-    )
-    return ModelCard(text)
+    values = {
+        "model_name": model_name,
+        "repo_id": repo_id,
+        "load_expression": load_expression,
+        "load_import": load_import,
+        "presets": preset_rows(preset_names),
+        "training_section": training_section,
+        "evaluation_section": evaluation_section,
+        "limitations": limitations,
+    }
+    return _render("pipeline_card.md", data, values)
 
 
 def render_lora_card(
     repo_id: str, base_model: str, adapter_name: str = "default", training: Optional[dict[str, Any]] = None
 ) -> Any:
     """A ``ModelCard`` for a LoRA adapter repo that names its base model (``base_model`` metadata)."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCardData
 
     data = ModelCardData(
         library_name="peft", tags=TAGS + ["lora"], base_model=base_model, pipeline_tag="text-generation"
     )
-    training_section = "```json\n" + json.dumps(training or {}, indent=2, default=str) + "\n```"
-    text = _fill(
-        _template("lora_card.md"),
-        {
-            "card_data": data.to_yaml(),
-            "model_name": repo_id.split("/")[-1],
-            "repo_id": repo_id,
-            "base_model": base_model,
-            "adapter_name": adapter_name,
-            "training_section": training_section,
-            "limitations": "Inherits the base model's limitations; trained on a small corpus.",
-        },
-    )
-    return ModelCard(text)
+    values = {
+        "model_name": repo_id.split("/")[-1],
+        "repo_id": repo_id,
+        "base_model": base_model,
+        "adapter_name": adapter_name,
+        "training_section": "```json\n" + json.dumps(training or {}, indent=2, default=str) + "\n```",
+        "limitations": "Inherits the base model's limitations; trained on a small corpus.",
+    }
+    return _render("lora_card.md", data, values)
 
 
 def write_training_card(output_dir: str, training_args: dict[str, Any], metrics: dict[str, Any]) -> str:
@@ -186,11 +228,6 @@ def _is_our_card(text: str) -> bool:
     return _card_data(text).get("library_name") == "dfm_hf"
 
 
-def _retarget_card(text: str, repo_id: str, pattern: re.Pattern[str] = _PIPELINE_USAGE_RE) -> str:
-    """Point the usage snippets of a card of ours (e.g. written by training for a local folder) at ``repo_id``."""
-    return pattern.sub(lambda m: f'{m.group(1)}"{repo_id}"', text)
-
-
 def _pipeline_card_text(pipe: Any, folder: str, repo_id: str, card: Any, options: dict[str, Any]) -> str:
     """The README.md to push with a pipeline folder (see :func:`push_pipeline_folder` for the order of choice)."""
     if card is not None:
@@ -204,28 +241,23 @@ def _pipeline_card_text(pipe: Any, folder: str, repo_id: str, card: Any, options
         if candidate and os.path.isfile(os.path.join(str(candidate), "README.md")):
             with open(os.path.join(str(candidate), "README.md"), encoding="utf-8") as f:
                 text = f.read()
-            return _retarget_card(text, repo_id) if _is_our_card(text) else text
+            if not _is_our_card(text):
+                return text
+            retargeted = _rerender(
+                text, repo_id=repo_id, load_expression=None, load_import=None, presets=preset_rows(presets)
+            )
+            return text if retargeted is None else retargeted
     return str(render_pipeline_card(repo_id, preset_names=presets))
 
 
-def _add_preset_row(text: str, name: str, description: str) -> Optional[str]:
-    """``text`` with the row of preset ``name`` added to (or replaced in) its presets table; None if it has none."""
-    lines = text.split("\n")
-    for i, line in enumerate(lines):
-        if not _PRESET_HEADER_RE.match(line) or i + 1 >= len(lines) or not lines[i + 1].startswith("|"):
-            continue
-        end = i + 2
-        while end < len(lines) and lines[end].startswith("|"):
-            end += 1
-        row = f"| `{name}` | {description} |"
-        for j in range(i + 2, end):
-            if lines[j].startswith(f"| `{name}` |"):
-                lines[j] = row
-                break
-        else:
-            lines.insert(end, row)
-        return "\n".join(line for line in lines if line != _NO_PRESETS_ROW)
-    return None
+def _with_preset(text: str, name: str, description: str) -> Optional[str]:
+    """``text`` (a card of ours) re-rendered with preset ``name`` added to (or replaced in) its presets table; None
+    when it cannot be re-rendered (see :func:`_rerender`)."""
+    stored = _stored_inputs(text)
+    if stored is None or stored[0] != "pipeline_card.md":
+        return None
+    presets = [(n, use) for n, use in stored[1].get("presets", []) if n != name]
+    return _rerender(text, presets=[*presets, (name, description)])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -284,8 +316,9 @@ def push_pipeline_folder(
     (:data:`PUSH_IGNORE_PATTERNS`, plus ``ignore_patterns``) are not uploaded. The ``README.md`` pushed is, in order:
     ``card`` (a ``ModelCard`` or text); a fresh :func:`render_pipeline_card` when any of ``training``, ``metrics``,
     ``datasets``, ``license``, ``limitations`` is given; the folder's own ``README.md`` (e.g. written by training);
-    the ``README.md`` of the local folder ``pipe`` was loaded from; a fresh card. A kept dfm_hf card gets its usage
-    snippets pointed at ``repo_id``. ``save_kwargs`` (``safe_serialization``, ``variant``, ``max_shard_size``) are
+    the ``README.md`` of the local folder ``pipe`` was loaded from; a fresh card. A kept dfm_hf card is rendered
+    again from the values stored in it, for ``repo_id`` and the folder's presets (a card edited by hand is pushed as
+    it is). ``save_kwargs`` (``safe_serialization``, ``variant``, ``max_shard_size``) are
     accepted and ignored: they only matter when saving. Returns the ``CommitInfo``.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
@@ -348,9 +381,10 @@ def push_scheduler_preset(
 ) -> Any:
     """Upload ``scheduler``'s config as ``scheduler_presets/<name>/scheduler_config.json`` of a pipeline repo.
 
-    ``revision`` pushes to that branch (created from ``main`` if needed). When the repo's ``README.md`` has the
-    presets table of a dfm_hf card, the preset's row (``description``, default "custom <class> preset") is added in the
-    same commit. Pipelines pulled afterwards list the preset (``pipe.load_scheduler_preset(name)``); it also loads with
+    ``revision`` pushes to that branch (created from ``main`` if needed). When the repo's ``README.md`` is a dfm_hf
+    card (not edited by hand), it is rendered again with the preset's row (``description``, default "custom <class>
+    preset") in its presets table, in the same commit. Pipelines pulled afterwards list the preset
+    (``pipe.load_scheduler_preset(name)``); it also loads with
     ``Scheduler.from_pretrained(repo_id, subfolder=f"scheduler_presets/{name}")``. Returns the ``CommitInfo``.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
@@ -376,7 +410,7 @@ def push_scheduler_preset(
     except EntryNotFoundError:
         readme = None
     if readme is not None and _is_our_card(readme):
-        updated = _add_preset_row(readme, name, description or f"custom `{type(scheduler).__name__}` preset")
+        updated = _with_preset(readme, name, description or f"custom `{type(scheduler).__name__}` preset")
         if updated is not None and updated != readme:
             operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=updated.encode("utf-8")))
     return api.create_commit(
@@ -405,14 +439,12 @@ def push_lora_adapter(
     ``base_model`` is the Hub id of the DFM pipeline it was trained on: the card names it (``base_model``
     metadata and usage), and the uploaded ``adapter_config.json`` records it as ``base_model_name_or_path`` when that
     is empty or a local path. ``adapter_name`` is the name the card's snippet loads it under. The card is the folder's
-    ``README.md`` when :func:`render_lora_card` wrote it for the same base model (e.g. LoRA fine-tuning did; its
-    snippet is pointed at ``repo_id``) and ``training`` is None; otherwise a fresh one (``training`` goes in it,
-    default: the LoRA hyper-parameters; peft's own template card is replaced). The repo is created if needed;
-    ``revision`` pushes to that branch. Returns the ``CommitInfo``.
+    ``README.md`` when :func:`render_lora_card` wrote it for the same base model (e.g. LoRA fine-tuning did; it is
+    rendered again for ``repo_id`` and ``adapter_name`` unless edited by hand) and ``training`` is None; otherwise a
+    fresh one (``training`` goes in it, default: the LoRA hyper-parameters; peft's own template card is replaced).
+    The repo is created if needed; ``revision`` pushes to that branch. Returns the ``CommitInfo``.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
-
-    from .pipelines.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, local_adapter_files
 
     if not isinstance(base_model, str) or not base_model.strip() or os.path.isdir(base_model):
         raise ValueError(f"`base_model` must be the Hub repo id of the base pipeline, got {base_model!r}.")
@@ -433,7 +465,9 @@ def push_lora_adapter(
             text = f.read()
         data = _card_data(text)
         if "dfm_hf" in (data.get("tags") or []) and data.get("base_model") == base_model:
-            card = _retarget_card(text, repo_id, _LORA_USAGE_RE)
+            card = _rerender(text, repo_id=repo_id, adapter_name=adapter_name)
+            if card is None:  # edited by hand (or rendered before cards kept their values): pushed as it is
+                card = text
     if card is None:
         if training is None:
             keys = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora")
@@ -450,211 +484,3 @@ def push_lora_adapter(
     return api.create_commit(
         repo_id, operations, commit_message=commit_message or "Upload LoRA adapter", revision=revision
     )
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Pulling
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _cache_root(cache_dir: Optional[str]) -> str:
-    from huggingface_hub import constants
-
-    return str(cache_dir) if cache_dir is not None else constants.HF_HUB_CACHE
-
-
-def _cached_commit(repo_id: str, revision: Optional[str], cache_dir: Optional[str]) -> Optional[str]:
-    from huggingface_hub.file_download import repo_folder_name
-
-    revision = revision or "main"
-    if re.fullmatch(r"[0-9a-f]{40}", revision):
-        return revision
-    ref = os.path.join(_cache_root(cache_dir), repo_folder_name(repo_id=repo_id, repo_type="model"), "refs", revision)
-    try:
-        with open(ref, encoding="utf-8") as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
-
-
-def _cached_repo_files(repo_id: str, revision: Optional[str], cache_dir: Optional[str]) -> Optional[list[str]]:
-    """The repo's file list at ``revision`` as cached by the last ``snapshot_download`` (no request), or None."""
-    from huggingface_hub import get_cached_repo_tree
-    from huggingface_hub.errors import CachedRepoTreeNotFoundError
-
-    commit = _cached_commit(repo_id, revision, cache_dir)
-    if commit is None:
-        return None
-    try:
-        return [f.path for f in get_cached_repo_tree(repo_id, revision=commit, cache_dir=cache_dir)]
-    except (CachedRepoTreeNotFoundError, OSError, ValueError):
-        return None
-
-
-def _where(what: str, repo_id: str, revision: Optional[str]) -> str:
-    from huggingface_hub import constants
-
-    at = f" at revision {revision!r}" if revision else ""
-    return f"{what} {repo_id!r}{at} (Hub {constants.ENDPOINT})"
-
-
-def _redownload_missing(
-    repo_id: str, allow_patterns: list[str], revision: Optional[str], cache_dir: Optional[str], **hub: Any
-) -> Optional[str]:
-    """After a failed ``snapshot_download``: fetch the files still missing one by one, so that a persistent failure
-    is reported with the file it concerns (and a transient one is retried once). Returns the snapshot folder, or
-    None when the repo's file list is not cached."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.file_download import repo_folder_name
-    from huggingface_hub.utils import filter_repo_objects
-
-    commit = _cached_commit(repo_id, revision, cache_dir)
-    files = _cached_repo_files(repo_id, revision, cache_dir)
-    if commit is None or files is None:
-        return None
-    snapshot = os.path.join(_cache_root(cache_dir), repo_folder_name(repo_id=repo_id, repo_type="model"))
-    snapshot = os.path.join(snapshot, "snapshots", commit)
-    for path in filter_repo_objects(files, allow_patterns=allow_patterns):
-        if os.path.isfile(os.path.join(snapshot, *path.split("/"))):
-            continue
-        try:
-            hf_hub_download(repo_id, path, revision=commit, cache_dir=cache_dir, **hub)
-        except ValueError:
-            raise
-        except Exception as err:
-            raise _FileDownloadError(path, err) from err
-    return snapshot
-
-
-class _FileDownloadError(Exception):
-    def __init__(self, path: str, error: Exception) -> None:
-        super().__init__(path)
-        self.path, self.error = path, error
-
-
-def download_snapshot(
-    repo_id: str,
-    allow_patterns: list[str],
-    *,
-    what: str = "Hub repo",
-    revision: Optional[str] = None,
-    cache_dir: Optional[str] = None,
-    token: Optional[str] = None,
-    local_files_only: bool = False,
-    force_download: bool = False,
-) -> str:
-    """``snapshot_download`` of the files of ``repo_id`` matching ``allow_patterns``; returns the snapshot folder.
-
-    Works offline from a complete cached snapshot (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``). Failures
-    raise an ``OSError`` naming the repo, the revision and, for a download that failed, the file; no partial file is
-    left in the cache (``huggingface_hub`` downloads to ``*.incomplete`` files that are only renamed when complete).
-    Invalid repo ids raise ``huggingface_hub``'s ``HFValidationError`` (a ``ValueError``).
-    """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    hub = dict(token=token, force_download=force_download)
-    where = _where(what, repo_id, revision)
-    try:
-        return snapshot_download(
-            repo_id,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            allow_patterns=allow_patterns,
-            **hub,
-        )
-    except RevisionNotFoundError as err:
-        raise OSError(f"Could not download {where}: the repo has no revision {revision!r}.\n{err}") from err
-    except RepositoryNotFoundError as err:
-        raise OSError(f"Could not download {where}: no such repo (or no access to it).\n{err}") from err
-    except LocalEntryNotFoundError as err:
-        raise OSError(
-            f"Could not load {where} from the local cache {_cache_root(cache_dir)!r} (offline or "
-            f"`local_files_only=True`, or the Hub could not be reached).\n{err}"
-        ) from err
-    except ValueError:
-        raise  # invalid repo id or arguments: already clear
-    except Exception as err:  # HfHubHTTPError, a size mismatch (OSError), a broken connection...
-        if local_files_only or not isinstance(err, (HfHubHTTPError, OSError)) or _is_connection_error(err):
-            raise OSError(f"Could not download {where}.\n{err}") from err
-        first = err
-    try:
-        folder = _redownload_missing(repo_id, allow_patterns, revision, cache_dir, **hub)
-    except _FileDownloadError as failed:
-        raise OSError(f"Could not download {failed.path!r} of {where}.\n{failed.error}") from failed.error
-    if folder is None:
-        raise OSError(f"Could not download {where}.\n{first}") from first
-    return folder
-
-
-def _is_connection_error(err: BaseException) -> bool:
-    """True for httpx transport errors (connection refused or reset, timeouts, proxies): retrying is pointless."""
-    return any(cls.__name__ in ("TransportError", "TimeoutException") for cls in type(err).__mro__)
-
-
-def download_pipeline(
-    repo_id: str,
-    *,
-    allow_pickle: bool = False,
-    revision: Optional[str] = None,
-    cache_dir: Optional[str] = None,
-    token: Optional[str] = None,
-    local_files_only: bool = False,
-    force_download: bool = False,
-) -> str:
-    """Download the safe files of a pipeline repo (:data:`PIPELINE_ALLOW_PATTERNS`; pickles only with
-    ``allow_pickle=True``) and return the snapshot folder.
-
-    A model component without safetensors weights raises: ``ValueError`` when the repo only has pickled weights
-    (and ``allow_pickle`` is False), ``OSError`` when it has none. Other failures: see :func:`download_snapshot`.
-    """
-    patterns = PIPELINE_ALLOW_PATTERNS + (PICKLE_ALLOW_PATTERNS if allow_pickle else [])
-    folder = download_snapshot(
-        repo_id,
-        patterns,
-        what="DFM pipeline",
-        revision=revision,
-        cache_dir=cache_dir,
-        token=token,
-        local_files_only=local_files_only,
-        force_download=force_download,
-    )
-    _check_component_weights(folder, repo_id, revision, cache_dir, allow_pickle)
-    return folder
-
-
-def _check_component_weights(
-    folder: str, repo_id: str, revision: Optional[str], cache_dir: Optional[str], allow_pickle: bool
-) -> None:
-    """Raise if a model component of the downloaded pipeline (a folder with ``config.json``) has no weights."""
-    try:
-        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
-            index = json.load(f)
-    except (OSError, ValueError):
-        return  # from_pretrained reports a missing or broken model_index.json
-    if not isinstance(index, dict):
-        return
-    weights = (".safetensors",) + (PICKLE_SUFFIXES if allow_pickle else ())
-    repo_files: Optional[list[str]] = None
-    for component in sorted(k for k in index if not k.startswith("_")):
-        sub = os.path.join(folder, component)
-        if not os.path.isfile(os.path.join(sub, "config.json")):
-            continue
-        if any(f.endswith(weights) for f in os.listdir(sub)):
-            continue
-        if repo_files is None:
-            repo_files = _cached_repo_files(repo_id, revision, cache_dir) or []
-        pickles = [p for p in repo_files if p.startswith(f"{component}/") and p.endswith(PICKLE_SUFFIXES)]
-        where = _where("DFM pipeline", repo_id, revision)
-        if pickles and not allow_pickle:
-            raise ValueError(
-                f"{where}: {pickles[0]} is a pickle file and there are no safetensors weights for the {component!r} "
-                "component; pickles can run code on load. Pass `allow_pickle=True` only for a source you trust."
-            )
-        raise OSError(f"{where} has no weights for its {component!r} component (expected {component}/*.safetensors).")

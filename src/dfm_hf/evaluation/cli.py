@@ -660,10 +660,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     _validate(args)
     if args.model is None:
-        from ..cli import bundled_model_path
+        from ..bundled_model import require_bundled_model
 
-        args.model = bundled_model_path()
-        if not os.path.isfile(os.path.join(args.model, "model_index.json")):
-            raise ValueError(f"the bundled model is missing at {args.model}; pass `--model`")
+        args.model = require_bundled_model()
     run_sweep(args)
     return 0
