@@ -96,6 +96,10 @@ def ours_plan_packed(inputs: dict[str, Any], device: str, seed: int) -> Callable
 
 def theirs_flow_matching(inputs: dict[str, Any], device: str, seed: int) -> Callable[[], Any]:
     """One ``MixtureDiscreteEulerSolver`` step from t = 0.5 with h = 1/64 (model output: precomputed probabilities)."""
+    try:
+        import flow_matching  # noqa: F401
+    except ImportError as err:
+        raise SystemExit("this comparison needs flow_matching: pip install -e '.[bench]' (or '.[dev]')") from err
     from flow_matching.path import MixtureDiscreteProbPath
     from flow_matching.path.scheduler import PolynomialConvexScheduler
     from flow_matching.solver import MixtureDiscreteEulerSolver

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -183,13 +182,11 @@ def test_sweep_writes_files_resumes_and_matches_two_processes(saved_models, tmp_
         csv_before, samples_before = open(os.path.join(out, "results.csv")).read(), _samples(out)
 
         # resume: nothing is recomputed
-        started = time.time()
         assert evaluate_cli.main(_sweep_args(dfm_path, gpt_path, out)) == 0
         with open(os.path.join(out, "run_log.jsonl"), encoding="utf-8") as f:
             log = [json.loads(line) for line in f]
         assert len(log) == 2 and len(log[0]["computed"]) == 12
         assert log[1]["computed"] == [] and len(log[1]["skipped"]) == 12
-        assert time.time() - started < 30
         assert open(os.path.join(out, "results.csv")).read() == csv_before
 
         # a run with other result-affecting settings refuses to mix into these results

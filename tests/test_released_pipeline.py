@@ -106,3 +106,19 @@ def test_loading_errors_name_the_path_the_file_or_the_folder(tmp_path):
         DFMPipeline.from_pretrained(half)
     with pytest.raises(ValueError, match="proxies"):
         DFMPipeline.from_pretrained("org/some-repo", proxies={"https": "http://proxy"})
+
+
+def test_download_arguments_reach_the_hub_client(tmp_path, hub_repo_id):
+    pipe = tiny_pipeline()
+    pipe.push_to_hub(hub_repo_id)
+    target = tmp_path / "local"
+    loaded = DFMPipeline.from_pretrained(hub_repo_id, local_dir=str(target), etag_timeout=5)
+    assert (target / "model_index.json").is_file() and (target / "model" / "model.safetensors").is_file()
+    loaded.set_progress_bar_config(disable=True)
+    kw = dict(gen_length=6, num_inference_steps=3, output_type="pt")
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(loaded("x", generator=g(), **kw).sequences, pipe("x", generator=g(), **kw).sequences)
+    from dfm_hf.hub_download import download_snapshot
+
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        download_snapshot(hub_repo_id, ["*.json"], local_dirr=str(target))

@@ -106,8 +106,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             train_main(rest)
             return 0
         if command == "lm-eval":
-            from .evaluation.harness import cli_main
-
+            try:
+                from .evaluation.harness import cli_main
+            except ImportError as e:
+                raise ValueError(str(e)) from e  # names the extra to install
             return cli_main(rest)
         from .evaluation.cli import main as evaluate_main
 

@@ -15,6 +15,7 @@ from typing import Any, Optional
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
+    "HUB_OPTIONS",
     "PICKLE_ALLOW_PATTERNS",
     "PICKLE_SUFFIXES",
     "PIPELINE_ALLOW_PATTERNS",
@@ -31,6 +32,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 #: The two files of a PEFT LoRA adapter folder or repo (pickled ``adapter_model.bin`` files are never loaded).
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: Download arguments of ``huggingface_hub`` passed on as they are (besides revision, cache_dir, token, ...).
+HUB_OPTIONS = ("local_dir", "etag_timeout", "headers", "endpoint", "user_agent")
 
 
 def local_adapter_files(folder: str, argument: str, hint: str) -> tuple[str, str]:
@@ -128,8 +131,12 @@ def download_snapshot(
     token: Optional[str] = None,
     local_files_only: bool = False,
     force_download: bool = False,
+    **hub_options: Any,
 ) -> str:
     """``snapshot_download`` of the files of ``repo_id`` matching ``allow_patterns``; returns the snapshot folder.
+
+    ``hub_options`` are the other download arguments of ``huggingface_hub`` (:data:`HUB_OPTIONS`: ``local_dir``,
+    ``etag_timeout``, ``headers``, ``endpoint``, ``user_agent``), passed on; anything else raises ``TypeError``.
 
     Works offline from a complete cached snapshot (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``). Failures
     raise an ``OSError`` naming the repo, the revision and, for a download that failed, the file; no partial file is
@@ -144,7 +151,12 @@ def download_snapshot(
         RevisionNotFoundError,
     )
 
-    hub = dict(token=token, force_download=force_download)
+    unknown = sorted(set(hub_options) - set(HUB_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"download_snapshot() got unexpected keyword arguments {unknown}; accepted: {list(HUB_OPTIONS)}."
+        )
+    hub = dict(token=token, force_download=force_download, **{k: v for k, v in hub_options.items() if v is not None})
     where = _where(what, repo_id, revision)
     try:
         return snapshot_download(
@@ -167,7 +179,8 @@ def download_snapshot(
     except ValueError:
         raise  # invalid repo id or arguments: already clear
     except Exception as err:  # HfHubHTTPError, a size mismatch (OSError), a broken connection...
-        if local_files_only or not isinstance(err, (HfHubHTTPError, OSError)) or _is_connection_error(err):
+        retry = isinstance(err, (HfHubHTTPError, OSError)) and not _is_connection_error(err)
+        if local_files_only or not retry or hub.get("local_dir") is not None:
             raise OSError(f"Could not download {where}.\n{err}") from err
         first = err
     try:
@@ -193,9 +206,10 @@ def download_pipeline(
     token: Optional[str] = None,
     local_files_only: bool = False,
     force_download: bool = False,
+    **hub_options: Any,
 ) -> str:
     """Download the safe files of a pipeline repo (:data:`PIPELINE_ALLOW_PATTERNS`; pickles only with
-    ``allow_pickle=True``) and return the snapshot folder.
+    ``allow_pickle=True``) and return the snapshot folder (``hub_options``: see :func:`download_snapshot`).
 
     A model component without safetensors weights raises: ``ValueError`` when the repo only has pickled weights
     (and ``allow_pickle`` is False), ``OSError`` when it has none. Other failures: see :func:`download_snapshot`.
@@ -210,6 +224,7 @@ def download_pipeline(
         token=token,
         local_files_only=local_files_only,
         force_download=force_download,
+        **hub_options,
     )
     _check_component_weights(folder, repo_id, revision, cache_dir, allow_pickle)
     return folder

@@ -23,11 +23,13 @@ from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
+from ..hub_download import HUB_OPTIONS
 from ..rng import check_generator, uniform_tokens_at
 from ..schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
 from ..schedulers.utils import StepPlan, validate_num_inference_steps
 from . import lora as lora_utils
 from .kv_cache import BlockCacheState, keep_in_slice, query_positions, validate_kv_cache
+from .lora import DFMLoraLoaderMixin
 from .presets import default_scheduler_presets, load_presets_from_folder, save_presets
 
 OUTPUT_TYPES = ("text", "pt")
@@ -50,7 +52,7 @@ class DFMPipelineOutput(BaseOutput):
     nfe: int
 
 
-class DFMPipeline(DiffusionPipeline):
+class DFMPipeline(DFMLoraLoaderMixin, DiffusionPipeline):
     """Pipeline pairing a :class:`~dfm_hf.DFMForMaskedGeneration`, a scheduler and a tokenizer.
 
     Components: ``model``, ``scheduler`` (:class:`~dfm_hf.DiscreteFlowScheduler` or
@@ -223,7 +225,7 @@ class DFMPipeline(DiffusionPipeline):
 
         return push_pipeline_to_hub(self, repo_id, **kwargs)
 
-    # ------------------------------------------------------------------ presets and LoRA
+    # ------------------------------------------------------------------ presets (LoRA: DFMLoraLoaderMixin)
     def load_scheduler_preset(self, name: str) -> Any:
         """Replace ``self.scheduler`` by the named preset (see ``self.scheduler_presets``) and return it."""
         if name not in self.scheduler_presets:
@@ -231,30 +233,6 @@ class DFMPipeline(DiffusionPipeline):
         preset = self.scheduler_presets[name]
         self.scheduler = type(preset).from_config(preset.config)
         return self.scheduler
-
-    def load_lora_weights(
-        self, pretrained_model_name_or_path: Union[str, os.PathLike], adapter_name: Optional[str] = None, **kwargs: Any
-    ) -> None:
-        """Load a PEFT LoRA adapter (folder or Hub id with ``adapter_config.json`` + safetensors) into the model."""
-        lora_utils.load_lora_weights(self.model, str(pretrained_model_name_or_path), adapter_name, **kwargs)
-
-    def set_adapters(
-        self, adapter_names: Union[str, list[str]], adapter_weights: Optional[Union[float, list[float]]] = None
-    ) -> None:
-        """Activate the named adapters, optionally with per-adapter weights (scale of the LoRA update)."""
-        lora_utils.set_adapters(self.model, adapter_names, adapter_weights)
-
-    def fuse_lora(self, adapter_names: Optional[list[str]] = None) -> None:
-        """Merge the active (or named) adapters into the base weights."""
-        lora_utils.fuse_lora(self.model, adapter_names)
-
-    def unfuse_lora(self) -> None:
-        """Undo :meth:`fuse_lora`."""
-        lora_utils.unfuse_lora(self.model)
-
-    def unload_lora_weights(self) -> None:
-        """Remove every adapter: the model becomes exactly the base model again (unfused adapters leave no trace)."""
-        lora_utils.unload_lora_weights(self.model)
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -687,19 +665,7 @@ def _pack_rows(sample: torch.Tensor, keep: torch.Tensor, pad: int) -> torch.Tens
 
 
 #: Download arguments ``from_pretrained`` / ``download`` pass to the Hub client (``huggingface_hub``).
-DOWNLOAD_KWARGS = (
-    "revision",
-    "cache_dir",
-    "token",
-    "local_files_only",
-    "force_download",
-    "local_dir",
-    "proxies",
-    "etag_timeout",
-    "headers",
-    "endpoint",
-    "user_agent",
-)
+DOWNLOAD_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies", *HUB_OPTIONS)
 
 
 def _download_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
