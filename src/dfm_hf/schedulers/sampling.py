@@ -120,7 +120,12 @@ def draw_categorical(
     return inverse_cdf(log_probs, u)
 
 
-def _check_output(model_output: torch.Tensor, positions: torch.Tensor, vocab_size: Optional[int]) -> None:
+def _check_output(
+    model_output: torch.Tensor,
+    positions: torch.Tensor,
+    vocab_size: Optional[int],
+    counts: Optional[Sequence[int]] = None,
+) -> None:
     if model_output.dim() == 3:
         if model_output.shape[:2] != positions.shape:
             raise ValueError(
@@ -128,7 +133,7 @@ def _check_output(model_output: torch.Tensor, positions: torch.Tensor, vocab_siz
                 f"{tuple(positions.shape)}: expected (batch, length, vocab)."
             )
     elif model_output.dim() == 2:
-        count = int(positions.sum())
+        count = int(positions.sum()) if counts is None else int(sum(counts))
         if model_output.shape[0] != count:
             raise ValueError(
                 f"packed `model_output` has {model_output.shape[0]} rows but the step reads {count} positions; "
@@ -175,7 +180,7 @@ def sample_rows(
     with the number of positions it reads. ``counts`` (rows per batch row, when the caller has them) saves a host
     sync.
     """
-    _check_output(model_output, positions, vocab_size)
+    _check_output(model_output, positions, vocab_size, counts)
     device = model_output.device
     if model_output.dim() == 3:
         index = positions.nonzero(as_tuple=True)
