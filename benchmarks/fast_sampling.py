@@ -115,14 +115,21 @@ def _probe(args: Any) -> None:
     report_probe(result)
 
 
+_JUDGE: dict[str, Any] = {}
+
+
 def _judge(texts: list[str], device: str) -> tuple[float, float]:
+    """(generative perplexity, mean unigram entropy) of ``texts`` from the SmolLM2 judge (loaded once)."""
     import dfm_hf.metrics
     from dfm_hf.judge import load_smollm2_judge
 
-    model, tokenizer = load_smollm2_judge(device)
-    metric = dfm_hf.metrics.load("generative_perplexity")
-    out = metric.compute(predictions=texts, model=model, tokenizer=tokenizer, device=device)
-    return out["perplexity"], out["entropy"]
+    if not _JUDGE:
+        _JUDGE["model"], _JUDGE["tokenizer"] = load_smollm2_judge(device)
+        _JUDGE["metric"] = dfm_hf.metrics.load("generative_perplexity")
+    out = _JUDGE["metric"].compute(
+        predictions=texts, model=_JUDGE["model"], tokenizer=_JUDGE["tokenizer"], device=device
+    )
+    return out["mean_perplexity"], out["mean_entropy"]
 
 
 def main() -> None:
