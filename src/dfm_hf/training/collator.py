@@ -297,4 +297,40 @@ class DFMDataCollator:
         }
 
 
-__all__ = ["COUPLINGS", "TIME_SAMPLINGS", "DFMDataCollator"]
+def annealing_visible_fraction(step: int, annealing_steps: int) -> float:
+    """DiffuLLaMA's attention annealing: the probability ``min(1, step / annealing_steps)`` that a query sees a given
+    future key at optimizer step ``step`` (0-based): 0 (causal) at step 0, 1 (bidirectional) from
+    ``annealing_steps`` on; ``annealing_steps = 0`` is bidirectional at once."""
+    if annealing_steps <= 0:
+        return 1.0
+    return min(1.0, max(step, 0) / annealing_steps)
+
+
+def annealed_attention_mask(
+    attention_mask: torch.Tensor, visible_fraction: float, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """The 4-D additive float mask ``(batch, 1, len, len)`` of an annealing step, combined with padding.
+
+    Query ``i`` always sees keys ``j <= i`` (the causal part) and sees each future key ``j > i`` independently with
+    probability ``visible_fraction`` (drawn from ``generator``); padded keys (``attention_mask == 0``) are never seen.
+    Entries are 0 (attend) or ``torch.finfo(torch.float32).min`` (blocked): the format ``DFMForMaskedGeneration``
+    reads. ``visible_fraction`` 0 gives the causal mask, 1 the bidirectional one.
+    """
+    if attention_mask.dim() != 2:
+        raise ValueError(f"`attention_mask` must be a (batch, len) padding mask, got {tuple(attention_mask.shape)}.")
+    if not 0.0 <= visible_fraction <= 1.0:
+        raise ValueError(f"`visible_fraction` must lie in [0, 1], got {visible_fraction!r}.")
+    batch, length = attention_mask.shape
+    future = torch.ones(length, length, dtype=torch.bool).triu(1)
+    drawn = torch.rand(batch, 1, length, length, generator=generator) < visible_fraction
+    allowed = (~future | drawn) & (attention_mask.to("cpu") != 0)[:, None, None, :]
+    return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+__all__ = [
+    "COUPLINGS",
+    "TIME_SAMPLINGS",
+    "DFMDataCollator",
+    "annealed_attention_mask",
+    "annealing_visible_fraction",
+]

@@ -6,6 +6,10 @@ projection layers -> the training step of ``train.py`` (same batch plan, accumul
 the adapter (``adapter_config.json`` + ``adapter_model.safetensors`` + a card naming the base model) and, with
 ``--merge``, a full merged ``DFMPipeline`` in ``<output_dir>/merged``.
 
+The base may be a released LLaDA / Dream / DiffuCoder folder or repo (converted on load by
+``DFMPipeline.from_pretrained``; their projections carry the same names). ``--sft`` trains on prompt/completion or
+chat data (the prompt conditions; only the response and its EOS are corrupted and scored).
+
 peft is called directly (``get_peft_model``, ``PeftModel.save_pretrained``, ``merge_and_unload``): transformers 5.24's
 own adapter methods refuse peft < 0.22. Load the adapter with ``DFMPipeline.load_lora_weights(output_dir)``.
 """
@@ -20,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from .train import (
+    LORA_TARGET_MODULES,
     BatchPlan,
     add_data_arguments,
     add_logging_arguments,
@@ -37,7 +42,7 @@ from .train import (
 )
 
 #: The projection layers of ``DFMForMaskedGeneration`` (attention and gated MLP), the default LoRA targets.
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGET_MODULES = LORA_TARGET_MODULES
 MERGED_SUBFOLDER = "merged"
 
 
@@ -45,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The fine-tuning flags: the base pipeline, LoRA settings and the data / optimisation flags of ``train.py``."""
     p = argparse.ArgumentParser(description="Fine-tune a DFM pipeline's model with a LoRA adapter (PEFT).")
     b = p.add_argument_group("base model and LoRA")
-    b.add_argument("--pretrained_model_name_or_path", required=True, help="a saved DFMPipeline folder or Hub id")
+    b.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="a saved DFMPipeline or a released LLaDA / Dream / DiffuCoder model (folder or Hub id)",
+    )
     b.add_argument("--revision", default=None, help="Hub revision of the base pipeline")
     b.add_argument("--target_modules", default=",".join(DEFAULT_TARGET_MODULES), help="comma-separated layer names")
     b.add_argument("--lora_r", type=int, default=8)
@@ -118,12 +127,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     pipe = load_base_pipeline(args)
     tokenizer = pipe.tokenizer
     scheduler = DiscreteFlowScheduler.from_config(pipe.scheduler.config)  # the probability path of the collator
+    if args.loss_weighting == "inverse_t" and scheduler.config.source_distribution != "mask":
+        raise ValueError(
+            "`--loss_weighting inverse_t` needs the mask source; the base pipeline's scheduler uses another."
+        )
     train_rows, val_rows = load_rows(args, tokenizer, train_files, val_files, accelerator)
 
     # ---- from here on, things are written
     os.makedirs(args.output_dir, exist_ok=True)
     model = pipe.model
     model.config.loss_type = args.loss
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lora_config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -147,11 +162,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     log = make_logger(args.output_dir, main_proc)
     counts = {"trainable_parameters": sum(p.numel() for p in trainable)}
     counts["total_parameters"] = sum(p.numel() for p in peft_model.parameters())
+    if getattr(train_rows, "stats", None):
+        counts["sft_examples"] = dict(train_rows.stats)
     log(run_record(accelerator, args, 0, base_model=args.pretrained_model_name_or_path, **counts))
 
     base_metrics: dict[str, Any] = {}
     if val_rows is not None:  # LoRA's B starts at zero: this is the base model
-        base_metrics = evaluate_model(peft_model.get_base_model(), val_rows, scheduler, args, tokenizer)
+        with accelerator.autocast():  # the same precision as the evaluations during training
+            base_metrics = evaluate_model(peft_model.get_base_model(), val_rows, scheduler, args, tokenizer)
         log({"step": 0, **base_metrics})
     peft_model, optimizer, lr_sched = accelerator.prepare(peft_model, optimizer, lr_sched)
 
@@ -169,7 +187,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             log({"step": done, "loss": loss, "lr": lr_sched.get_last_lr()[0], "elapsed_s": time.time() - started})
         if val_rows is not None and (done % args.eval_steps == 0 or done == args.max_train_steps):
             unwrapped = accelerator.unwrap_model(peft_model).get_base_model()
-            metrics = evaluate_model(unwrapped, val_rows, scheduler, args, tokenizer)
+            with accelerator.autocast():  # --mixed_precision: the inner model is not autocast itself
+                metrics = evaluate_model(unwrapped, val_rows, scheduler, args, tokenizer)
             metrics["step"] = done
             log(metrics)
             peft_model.train()

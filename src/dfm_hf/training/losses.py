@@ -1,8 +1,10 @@
-"""DFM training losses: cross-entropy on the posterior and the mixture-path generalized KL.
+"""DFM training losses: cross-entropy on the posterior, the mixture-path generalized KL and the ``1/t``-weighted
+masked cross-entropy of MDLM / LLaDA.
 
-The loss formulas live once, in :mod:`dfm_hf.models.modeling_dfm` (that file ships as remote code and must stay
-self-contained); this module re-exports them and adds the jump rate ``kappa'_t / (1 - kappa_t)`` computed from a kappa
-schedule of :mod:`dfm_hf.paths`.
+The CE and generalized-KL formulas live once, in :mod:`dfm_hf.models.modeling_dfm` (that file ships as remote code and
+must stay self-contained); this module re-exports them, adds the jump rate ``kappa'_t / (1 - kappa_t)`` computed from a
+kappa schedule of :mod:`dfm_hf.paths`, and the rate-weighted CE used by ``--loss_weighting inverse_t`` (training
+only, so it lives here).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from ..models.modeling_dfm import (
 )
 
 ScheduleLike = Union[str, paths.KappaSchedule]
+
+#: ``--loss_weighting`` values: ``"none"`` (the loss of ``--loss`` as is) or ``"inverse_t"`` (see
+#: :func:`inverse_t_cross_entropy_loss`).
+LOSS_WEIGHTINGS = ("none", "inverse_t")
 
 
 def _schedule(schedule: ScheduleLike, kappa_exponent: float = 1.0) -> paths.KappaSchedule:
@@ -66,11 +72,48 @@ def dfm_loss(
     return compute_dfm_loss(logits, labels, loss_type, input_ids=input_ids, kappa_rate=rate, ignore_index=ignore_index)
 
 
+def inverse_t_cross_entropy_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    kappa_rate: torch.Tensor,
+    num_tokens: Union[int, torch.Tensor],
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """The ELBO-weighted masked cross-entropy of MDLM / LLaDA (``--loss_weighting inverse_t``), in float32.
+
+    Our time convention: ``kappa_t`` is the probability that a token is revealed (holds data), so a token is masked
+    with probability ``1 - kappa_t``. Per sequence of ``N`` corruptible tokens (real, not conditioning)::
+
+        loss = (1 / N) * sum_{i masked} kappa'_t / (1 - kappa_t) * ( -log p_{1|t}(x1^i | x_t) )
+
+    For the linear schedule ``kappa_t = t`` the weight is ``1 / (1 - t)``: LLaDA's ``1 / p_mask`` (its ``t`` is our
+    ``1 - t``). Since the expected number of masked tokens is ``(1 - kappa_t) N``, its expectation over ``t`` is the
+    masked-diffusion bound on the negative log-likelihood per token (the generalized KL of the mask source minus its
+    ``p_{1|t}(mask)`` term, so the two agree when the model gives the mask token no probability).
+
+    Args:
+        logits: ``(K, vocab)`` logits of the scored tokens (or ``(..., vocab)`` matching ``labels``).
+        labels: ``(K,)`` (or ``(...)``) targets ``x1``; ``ignore_index`` where not scored.
+        kappa_rate: ``kappa'_t / (1 - kappa_t)`` of each label's row, broadcastable to ``labels``.
+        num_tokens: ``N`` summed over the batch: the corruptible tokens (the denominator; not the masked count).
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    labels = labels.to(flat.device)
+    rate = torch.broadcast_to(torch.as_tensor(kappa_rate, dtype=torch.float32, device=flat.device), labels.shape)
+    labels, rate = labels.reshape(-1), rate.reshape(-1)
+    scored = labels != ignore_index
+    ce = torch.nn.functional.cross_entropy(flat[scored].float(), labels[scored], reduction="none")
+    denom = torch.as_tensor(num_tokens, dtype=torch.float32, device=flat.device).clamp(min=1.0)
+    return (rate[scored] * ce).sum() / denom
+
+
 __all__ = [
     "IGNORE_INDEX",
+    "LOSS_WEIGHTINGS",
     "compute_dfm_loss",
     "dfm_loss",
     "generalized_kl_loss",
+    "inverse_t_cross_entropy_loss",
     "kappa_rate",
     "masked_cross_entropy_loss",
 ]

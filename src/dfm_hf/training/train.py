@@ -9,6 +9,16 @@ optimizer step ``s`` reads rows ``((s * A + m) * W + r) * B ...`` of the epoch's
 see exactly the global batch one process sees with accumulation 2A, and a resumed run continues with the very
 batches the uninterrupted run would have used.
 
+Adaptation (``--init_from_causal_lm``): a Llama / Mistral / Qwen2 causal LM converted by
+``DFMPipeline.from_causal_lm`` (shifted logits, a mask token), trained with DiffuLLaMA's attention annealing
+(``--attention_annealing_steps``: the attention mask of each micro-batch is drawn from a generator seeded by the same
+global index, so a resumed run uses the very masks the uninterrupted run would), the ``1/t``-weighted masked CE
+(``--loss_weighting inverse_t``), full fine-tuning or LoRA (``--lora_r``, plus the mask embedding row). With LoRA the
+output folder holds the merged ``DFMPipeline`` and ``adapter/`` (the LoRA adapter, the trained mask row and how to
+rebuild the base: shippable on its own, see :func:`save_training_adapter` / :func:`load_adapted_pipeline`).
+``--init_from_pretrained`` starts from a saved DFM pipeline or a released LLaDA / Dream model instead; ``--sft``
+reads prompt/completion or chat data (the prompt conditions, only the response and its EOS are scored).
+
 Two CPU processes: ``torchrun --nproc_per_node 2 examples/train_dfm.py ...`` (or ``accelerate launch --multi_gpu``;
 on a CPU-only machine ``accelerate launch --num_processes 2``, with or without ``--cpu``, starts ONE process). The
 first line of ``logs/metrics.jsonl`` (``"event": "start"``) records the real group size and backend.
@@ -29,7 +39,19 @@ import torch
 
 from ..models.configuration_dfm import LOSS_TYPES as LOSSES
 from ..paths import COUPLINGS, PREDICTION_TYPES
+from .losses import LOSS_WEIGHTINGS
 
+#: The projection layers of ``DFMForMaskedGeneration`` (attention and gated MLP), the default LoRA targets.
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_SUBFOLDER = "adapter"
+#: Written next to the adapter: how to rebuild the base model it applies to.
+BASE_RECIPE_FILE = "dfm_base.json"
+#: The adapter's trained embedding rows (``token_ids`` + ``model.embed_tokens.weight`` rows; the layout of
+#: ``dfm_hf.default_model``'s bundles) and its LoRA weights.
+EMBEDDING_ROWS_FILE = "embedding_rows.safetensors"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+DEFAULT_MODEL_CONFIG = "tiny"
+DEFAULT_TOKENIZER_VOCAB_SIZE = 8192
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 _TOKEN_IDS = ("vocab_size", "mask_token_id", "pad_token_id", "eos_token_id", "bos_token_id")
@@ -41,11 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(p)
     t = p.add_argument_group("tokenizer and model")
     t.add_argument("--tokenizer_name_or_path", default=None, help="a tokenizer folder; default: train a BPE")
-    t.add_argument("--tokenizer_vocab_size", type=int, default=8192)
-    t.add_argument("--model_config", default="tiny", help="DFMConfig json path or preset name (tiny/small/base)")
+    t.add_argument("--tokenizer_vocab_size", type=int, default=None, help="size of the trained BPE (default 8192)")
+    t.add_argument(
+        "--model_config", default=None, help="DFMConfig json path or preset name (tiny/small/base; default tiny)"
+    )
     t.add_argument("--model_config_overrides", default=None, help="json, e.g. '{\"num_hidden_layers\": 4}'")
     t.add_argument("--scheduler_config", default=None, help="scheduler_config.json (kappa schedule, source)")
     t.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=None)
+    add_adaptation_arguments(p)
     o = add_optimisation_arguments(p)
     o.add_argument("--max_train_minutes", type=float, default=None, help="stop (and save) after this wall time")
     c = add_logging_arguments(p)
@@ -53,6 +78,39 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoints_total_limit", type=int, default=2)
     c.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
     return p
+
+
+def add_adaptation_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Starting from a causal LM or a DFM model: conversion, attention annealing, LoRA (``train.py`` only)."""
+    a = p.add_argument_group("adaptation: start from a pretrained model instead of a random one")
+    a.add_argument(
+        "--init_from_causal_lm",
+        default=None,
+        metavar="PATH",
+        help="a Llama / Mistral / Qwen2 causal LM (folder or Hub id) converted by DFMPipeline.from_causal_lm; "
+        "its tokenizer (with the mask token) is used, --model_config / tokenizer flags are refused",
+    )
+    a.add_argument("--gguf_file", default=None, help="a GGUF file of --init_from_causal_lm (read dequantized)")
+    a.add_argument("--mask_token", default=None, help="mask token added to the causal LM's tokenizer (<|mask|>)")
+    a.add_argument("--mask_token_id", type=int, default=None, help="reuse this existing token id as the mask")
+    a.add_argument(
+        "--init_from_pretrained",
+        default=None,
+        metavar="PATH",
+        help="a saved DFMPipeline or a released LLaDA / Dream / DiffuCoder model (folder or Hub id)",
+    )
+    a.add_argument(
+        "--attention_annealing_steps",
+        type=int,
+        default=0,
+        help="at step s each query sees each future key with probability min(1, s/N): causal at 0, "
+        "bidirectional from N on; 0 = bidirectional at once (evaluation always is)",
+    )
+    a.add_argument("--lora_r", type=int, default=0, help="LoRA rank; 0 = full fine-tuning")
+    a.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default 2 * --lora_r)")
+    a.add_argument("--lora_dropout", type=float, default=0.0)
+    a.add_argument("--lora_target_modules", default=",".join(LORA_TARGET_MODULES), help="comma-separated layer names")
+    return a
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -65,6 +123,17 @@ def add_data_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     d.add_argument("--text_column", default="text")
     d.add_argument("--seq_len", type=int, default=256)
     d.add_argument("--streaming", action="store_true", help="stream and pack large inputs lazily")
+    d.add_argument(
+        "--sft",
+        action="store_true",
+        help="supervised fine-tuning data (json/jsonl/parquet): prompt/completion or chat messages; the "
+        "prompt conditions, only the response + EOS is corrupted and scored; one example per row",
+    )
+    d.add_argument("--prompt_column", default="prompt")
+    d.add_argument("--completion_column", default="completion")
+    d.add_argument(
+        "--messages_column", default="messages", help="chat turns [{role, content}] (the tokenizer's template)"
+    )
     return d
 
 
@@ -85,6 +154,14 @@ def add_optimisation_arguments(
     o.add_argument("--mixed_precision", default="no", choices=MIXED_PRECISION)
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--loss", default="ce", choices=LOSSES)
+    o.add_argument(
+        "--loss_weighting",
+        default="none",
+        choices=LOSS_WEIGHTINGS,
+        help="inverse_t: masked CE weighted by kappa'_t / (1 - kappa_t) (1 / (1 - t) for linear kappa, "
+        "LLaDA's 1 / p_mask), averaged over the corruptible tokens (needs --loss ce, mask source)",
+    )
+    o.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in the backward")
     o.add_argument(
         "--coupling", default="unconditional", help="unconditional|prefix|infill or a mix: prefix:0.5,infill:0.5"
     )
@@ -137,15 +214,26 @@ def validate_common_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--learning_rate` must be > 0, got {args.learning_rate}.")
     if bool(args.train_file) == bool(args.stdlib):
         raise ValueError("pass exactly one of `--train_file` and `--stdlib`.")
+    if args.sft and (args.stdlib or args.streaming):
+        raise ValueError(
+            "`--sft` reads json / jsonl / parquet `--train_file`s in memory: not with `--stdlib` / `--streaming`."
+        )
+    if args.loss_weighting == "inverse_t" and args.loss != "ce":
+        raise ValueError(
+            "`--loss_weighting inverse_t` weights the masked cross-entropy: it needs `--loss ce` (the generalized KL "
+            "is weighted by kappa'_t / (1 - kappa_t) already)."
+        )
     args.coupling_spec = parse_coupling(args.coupling)
 
 
 def validate_args(args: argparse.Namespace) -> None:
     """Every check that needs no data: raises ``ValueError`` naming the flag before anything is written."""
     validate_common_args(args)
-    for name in ("checkpointing_steps", "checkpoints_total_limit", "tokenizer_vocab_size"):
+    for name in ("checkpointing_steps", "checkpoints_total_limit"):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be >= 1, got {getattr(args, name)}.")
+    if args.tokenizer_vocab_size is not None and args.tokenizer_vocab_size < 1:
+        raise ValueError(f"`--tokenizer_vocab_size` must be >= 1, got {args.tokenizer_vocab_size}.")
     if args.resume_from_checkpoint not in (None, "latest"):
         if not os.path.isdir(args.resume_from_checkpoint):
             raise ValueError(
@@ -155,7 +243,93 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"`--resume_from_checkpoint` {args.resume_from_checkpoint!r} is a half-written checkpoint."
             )
-    args.model_config_fields = _model_config_fields(args)
+    validate_adaptation_args(args)
+    if init_source(args) is None:
+        args.model_config = args.model_config or DEFAULT_MODEL_CONFIG
+        args.tokenizer_vocab_size = args.tokenizer_vocab_size or DEFAULT_TOKENIZER_VOCAB_SIZE
+        args.model_config_fields = _model_config_fields(args)
+    else:
+        args.model_config_fields = None
+
+
+def init_source(args: argparse.Namespace) -> Optional[tuple[str, str]]:
+    """``(flag, path)`` of ``--init_from_causal_lm`` / ``--init_from_pretrained``, or None (a random model)."""
+    for flag in ("init_from_causal_lm", "init_from_pretrained"):
+        if getattr(args, flag, None):
+            return f"--{flag}", getattr(args, flag)
+    return None
+
+
+def _check_source(flag: str, path: str) -> None:
+    """A local folder (or file) must exist; anything else must look like a Hub repo id."""
+    if os.path.exists(path):
+        return
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or not path.strip():
+        raise ValueError(f"`{flag}` {path!r} is neither an existing folder nor a Hub repo id.")
+
+
+def validate_adaptation_args(args: argparse.Namespace) -> None:
+    """Checks of the adaptation / LoRA flags (no model is read): ``ValueError`` naming the flag."""
+    if args.init_from_causal_lm and args.init_from_pretrained:
+        raise ValueError("pass at most one of `--init_from_causal_lm` and `--init_from_pretrained`.")
+    source = init_source(args)
+    if source is not None:
+        flag, path = source
+        given = [
+            f"--{k}"
+            for k in ("model_config", "model_config_overrides", "tokenizer_name_or_path", "tokenizer_vocab_size")
+            if getattr(args, k) is not None
+        ]
+        if given:
+            raise ValueError(
+                f"`{flag}` takes the architecture and the tokenizer from {path!r}: {', '.join(given)} cannot be "
+                "combined with it (drop them)."
+            )
+        if flag == "--init_from_causal_lm" and path.lower().endswith(".gguf") and os.path.isfile(path):
+            if args.gguf_file:
+                raise ValueError("`--init_from_causal_lm` names a .gguf file: do not pass `--gguf_file` too.")
+            args.init_from_causal_lm, args.gguf_file = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+            path = args.init_from_causal_lm
+        _check_source(flag, path)
+        if args.gguf_file and os.path.isdir(path) and not os.path.isfile(os.path.join(path, args.gguf_file)):
+            raise ValueError(f"`--gguf_file` {args.gguf_file!r} is not a file of the folder {path!r}.")
+    if not args.init_from_causal_lm:
+        for name in ("gguf_file", "mask_token", "mask_token_id"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"`--{name}` applies to `--init_from_causal_lm` only.")
+    if args.mask_token is not None and args.mask_token_id is not None:
+        raise ValueError("pass `--mask_token` (a new token) or `--mask_token_id` (an existing one), not both.")
+    if args.mask_token_id is not None and args.mask_token_id < 0:
+        raise ValueError(f"`--mask_token_id` must be an existing token id (>= 0), got {args.mask_token_id}.")
+    if args.attention_annealing_steps < 0:
+        raise ValueError(
+            f"`--attention_annealing_steps` must be >= 0 (0 = bidirectional), got {args.attention_annealing_steps}."
+        )
+    validate_lora_args(args, require_base=source is None and args.lora_r > 0)
+    if args.sft and source is None and args.tokenizer_name_or_path is None:
+        raise ValueError(
+            "`--sft` needs a tokenizer that knows the data's format: pass `--init_from_causal_lm`, "
+            "`--init_from_pretrained` or `--tokenizer_name_or_path`."
+        )
+
+
+def validate_lora_args(args: argparse.Namespace, require_base: bool = False) -> None:
+    """``--lora_r`` (0 = off) / ``--lora_alpha`` (default 2r) / ``--lora_dropout`` / ``--lora_target_modules``."""
+    if args.lora_r < 0:
+        raise ValueError(f"`--lora_r` must be >= 0 (0 = full fine-tuning), got {args.lora_r}.")
+    if require_base:
+        raise ValueError(
+            "`--lora_r` adapts a pretrained model: pass `--init_from_causal_lm` or `--init_from_pretrained`."
+        )
+    if args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora_r
+    elif args.lora_r and not (args.lora_alpha > 0 and math.isfinite(args.lora_alpha)):
+        raise ValueError(f"`--lora_alpha` must be > 0, got {args.lora_alpha}.")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise ValueError(f"`--lora_dropout` must lie in [0, 1), got {args.lora_dropout}.")
+    args.lora_target_modules_list = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+    if args.lora_r and not args.lora_target_modules_list:
+        raise ValueError("`--lora_target_modules` must name at least one layer, e.g. q_proj,v_proj.")
 
 
 def _model_config_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -198,14 +372,18 @@ def _model_config(args: argparse.Namespace, tokenizer: Any) -> Any:
     return DFMConfig(**args.model_config_fields, vocab_size=len(tokenizer), **ids)
 
 
-def _scheduler(args: argparse.Namespace, tokenizer: Any) -> Any:
+def _scheduler(args: argparse.Namespace, tokenizer: Any, vocab_size: Optional[int] = None, base: Any = None) -> Any:
+    """The training path: ``--scheduler_config``, else ``base`` (a pretrained pipeline's DiscreteFlowScheduler), else
+    the default; the mask id of the tokenizer and the model's vocabulary size (default ``len(tokenizer)``)."""
     from ..schedulers import DiscreteFlowScheduler
 
     cfg: dict[str, Any] = {}
     if args.scheduler_config:
         with open(args.scheduler_config, encoding="utf-8") as f:
             cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-    cfg.update(mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer))
+    elif isinstance(base, DiscreteFlowScheduler):
+        cfg = {k: v for k, v in base.config.items() if not k.startswith("_")}
+    cfg.update(mask_token_id=tokenizer.mask_token_id, vocab_size=vocab_size or len(tokenizer))
     if args.prediction_type:
         cfg["prediction_type"] = args.prediction_type
     return DiscreteFlowScheduler(**cfg)
@@ -246,7 +424,30 @@ def _resolve_resume(args: argparse.Namespace, config: Any, tokenizer: Any) -> Op
             f"`--resume_from_checkpoint` {path!r} was written with a different tokenizer vocabulary (other data or "
             "`--tokenizer_name_or_path`?)."
         )
+    saved_recipe, recipe = state.get("recipe"), training_recipe(args)
+    if saved_recipe is not None:
+        diff = sorted(k for k in set(saved_recipe) | set(recipe) if saved_recipe.get(k) != recipe.get(k))
+        if diff:
+            flags = ", ".join(f"--{k}={saved_recipe.get(k)!r}" for k in diff)
+            raise ValueError(
+                f"`--resume_from_checkpoint` {path!r} was written with other training flags ({flags}): resume with "
+                "the same ones (the annealing schedule, loss weighting and LoRA layout are part of the run's state)."
+            )
     return path
+
+
+def training_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags a resumed run must share with the checkpoint it resumes (stored in ``training_state.json``)."""
+    return {
+        "attention_annealing_steps": getattr(args, "attention_annealing_steps", 0),
+        "loss_weighting": getattr(args, "loss_weighting", "none"),
+        "lora_r": getattr(args, "lora_r", 0),
+        "lora_alpha": getattr(args, "lora_alpha", None) if getattr(args, "lora_r", 0) else None,
+        "lora_target_modules": sorted(getattr(args, "lora_target_modules_list", []))
+        if getattr(args, "lora_r", 0)
+        else None,
+        "sft": bool(getattr(args, "sft", False)),
+    }
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -354,9 +555,14 @@ def data_files(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 def load_rows(
     args: argparse.Namespace, tokenizer: Any, train_files: list[str], val_files: list[str], accelerator: Any
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Tokenize and pack the files into ``(rows, --seq_len)`` LongTensors; ``ValueError`` if a split packs no row."""
+    """Tokenize and pack the files into ``(rows, --seq_len)`` LongTensors; ``ValueError`` if a split packs no row.
+
+    With ``--sft``: :class:`dfm_hf.data.sft.SFTRows` (one example per row, prompt marked as conditioning) instead.
+    """
     from ..data.corpus import load_text_dataset, pack_dataset
 
+    if getattr(args, "sft", False):
+        return load_sft_rows(args, tokenizer, train_files, val_files, accelerator)
     if args.streaming:
         stream = pack_dataset(load_text_dataset(train_files, args.text_column, streaming=True), tokenizer,
                               args.seq_len, args.text_column)  # fmt: skip
@@ -389,6 +595,33 @@ def load_rows(
     train_rows = torch.tensor(train_ds["input_ids"], dtype=torch.long)
     val_rows = torch.tensor(val_ds["input_ids"], dtype=torch.long) if val_ds is not None and len(val_ds) else None
     return train_rows, val_rows
+
+
+def load_sft_rows(
+    args: argparse.Namespace, tokenizer: Any, train_files: list[str], val_files: list[str], accelerator: Any
+) -> tuple[Any, Any]:
+    """``--sft`` data as :class:`dfm_hf.data.sft.SFTRows` (training, validation or None)."""
+    from ..data.sft import load_sft_dataset, tokenize_sft
+
+    columns = {
+        "prompt_column": args.prompt_column,
+        "completion_column": args.completion_column,
+        "messages_column": args.messages_column,
+    }
+    with accelerator.main_process_first():
+        train = tokenize_sft(
+            load_sft_dataset(train_files, "--train_file"), tokenizer, args.seq_len, **columns, argument="--train_file"
+        )
+        val = None
+        if val_files:
+            val = tokenize_sft(
+                load_sft_dataset(val_files, "--validation_file"),
+                tokenizer,
+                args.seq_len,
+                **columns,
+                argument="--validation_file",
+            )
+    return train, val
 
 
 def make_optimizer(params: Any, args: argparse.Namespace, num_processes: int) -> tuple[Any, Any]:
@@ -454,28 +687,62 @@ def train_step(
 ) -> float:
     """One optimizer step (``--gradient_accumulation_steps`` micro-steps) on this process's planned rows.
 
-    Each micro-batch's corruption is drawn from a generator seeded by its global index, so the step is a pure function
-    of (seed, step, model state). The LM head runs only at the scored positions (the loss reads nothing else). Returns
-    the loss averaged over micro-steps and processes.
+    Each micro-batch's corruption, and with ``--attention_annealing_steps`` its attention mask, is drawn from
+    generators seeded by its global index, so the step is a pure function of (seed, step, model state). The LM head
+    runs only at the scored positions (the loss reads nothing else). ``--loss_weighting inverse_t`` replaces the
+    model's loss by :func:`dfm_hf.training.losses.inverse_t_cross_entropy_loss`. Returns the loss averaged over
+    micro-steps and processes.
     """
     from ..models.modeling_dfm import IGNORE_INDEX
+    from .collator import annealed_attention_mask, annealing_visible_fraction
+    from .losses import inverse_t_cross_entropy_loss
 
+    visible = annealing_visible_fraction(step, getattr(args, "attention_annealing_steps", 0))
+    weighting = getattr(args, "loss_weighting", "none")
     losses = []
     for micro in range(args.gradient_accumulation_steps):
         g_index = plan.global_index(step, micro, accelerator.process_index)
         collator.generator = torch.Generator().manual_seed(args.seed * 7_919 + g_index)
         batch = collator(rows[plan.rows(step, micro, accelerator.process_index)])
+        attention = batch["attention_mask"]
+        if visible < 1.0:  # bidirectional from the end of the annealing on: the plain padding mask
+            attention = annealed_attention_mask(
+                attention, visible, torch.Generator().manual_seed(annealing_seed(args.seed, g_index))
+            )
         batch = {k: v.to(accelerator.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        scored = batch["labels"] != IGNORE_INDEX
+        inputs = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": attention.to(accelerator.device),
+            "timesteps": batch["timesteps"],
+            "logits_to_keep": scored,
+        }
         with accelerator.accumulate(model):
-            out = model(**batch, logits_to_keep=batch["labels"] != IGNORE_INDEX)  # the head only where scored
-            accelerator.backward(out.loss)
+            if weighting == "inverse_t":
+                logits = model(**inputs).logits
+                rate = batch["kappa_rate"][:, None].expand(scored.shape)[scored]
+                corruptible = (batch["attention_mask"] != 0) & ~batch["condition_mask"]
+                loss = inverse_t_cross_entropy_loss(logits, batch["labels"][scored], rate, corruptible.sum())
+            else:
+                loss = model(
+                    **inputs,
+                    labels=batch["labels"],
+                    condition_mask=batch["condition_mask"],
+                    kappa_rate=batch["kappa_rate"],
+                ).loss
+            accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             lr_sched.step()
             optimizer.zero_grad(set_to_none=True)
-        losses.append(out.loss.detach())
+        losses.append(loss.detach())
     return accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+
+
+def annealing_seed(seed: int, global_index: int) -> int:
+    """Seed of the annealed attention mask of micro-batch ``global_index`` (a stream apart from the collator's)."""
+    return seed * 7_919 + global_index + (1 << 40)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -494,6 +761,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from ..data.corpus import load_text_dataset
     from ..data.tokenizer import train_bpe_tokenizer
     from ..models import DFMForMaskedGeneration
+    from .collator import annealing_visible_fraction
 
     accelerator = make_accelerator(args)
     set_seed(args.seed)
@@ -502,31 +770,55 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     # ---- data files (checked before anything is written)
     train_files, val_files = data_files(args)
 
-    # ---- tokenizer: given, or a byte-level BPE trained on the training documents
-    if args.tokenizer_name_or_path:
+    # ---- tokenizer and model: from a pretrained model (--init_from_*), or a given / trained tokenizer + a config
+    base = load_init_pipeline(args)
+    if base is not None:
+        tokenizer = base.tokenizer
+    elif args.tokenizer_name_or_path:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path)
     else:
         texts = load_text_dataset(train_files, args.text_column)[args.text_column]
         tokenizer = train_bpe_tokenizer(texts, vocab_size=args.tokenizer_vocab_size)
+    flag = init_source(args)[0] if base is not None else "--tokenizer_name_or_path"
     if tokenizer.mask_token_id is None:
-        raise ValueError("`--tokenizer_name_or_path`: the tokenizer has no mask token (DFM needs one).")
+        raise ValueError(f"`{flag}`: the tokenizer has no mask token (DFM needs one).")
     if tokenizer.eos_token_id is None:
-        raise ValueError("`--tokenizer_name_or_path`: the tokenizer has no eos token (it separates packed documents).")
+        raise ValueError(f"`{flag}`: the tokenizer has no eos token (it separates packed documents).")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
     # ---- model config, scheduler (the path used for training); resume check; packed rows
-    config = _model_config(args, tokenizer)
-    scheduler = _scheduler(args, tokenizer)
+    if base is not None:
+        config = base.model.config
+        config.loss_type = args.loss
+        if args.seq_len > config.max_position_embeddings:
+            raise ValueError(
+                f"`--seq_len` {args.seq_len} exceeds the model's max_position_embeddings="
+                f"{config.max_position_embeddings}."
+            )
+        scheduler = _scheduler(args, tokenizer, config.vocab_size, base=base.scheduler)
+    else:
+        config = _model_config(args, tokenizer)
+        scheduler = _scheduler(args, tokenizer)
+    if args.loss_weighting == "inverse_t" and scheduler.config.source_distribution != "mask":
+        raise ValueError("`--loss_weighting inverse_t` needs the mask source (`--scheduler_config` sets another).")
+    if base is not None and args.lora_r:
+        check_lora_targets(base.model, args.lora_target_modules_list)
     resume = _resolve_resume(args, config, tokenizer)
     train_rows, val_rows = load_rows(args, tokenizer, train_files, val_files, accelerator)
 
     # ---- from here on, things are written
     os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)
-    model = DFMForMaskedGeneration(config)
+    model = base.model.to(torch.float32) if base is not None else DFMForMaskedGeneration(config)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora_r:
+        new_rows = [config.mask_token_id] if args.init_from_causal_lm else None
+        model = apply_lora(model, args, trainable_token_indices=new_rows)
     world = accelerator.num_processes
-    optimizer, lr_sched = make_optimizer(model.parameters(), args, world)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer, lr_sched = make_optimizer(trainable, args, world)
     model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
     collator = make_collator(scheduler, args, tokenizer)
     plan = BatchPlan(
@@ -545,7 +837,21 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         accelerator.print(f"resumed from {resume} at step {start_step}")
 
     log = make_logger(args.output_dir, main_proc)
-    log(run_record(accelerator, args, start_step, resumed_from=resume))
+    counts = {"trainable_parameters": sum(p.numel() for p in trainable),
+              "total_parameters": sum(p.numel() for p in accelerator.unwrap_model(model).parameters())}  # fmt: skip
+    if getattr(train_rows, "stats", None):
+        counts["sft_examples"] = dict(train_rows.stats)
+    log(
+        run_record(
+            accelerator,
+            args,
+            start_step,
+            resumed_from=resume,
+            init_from=init_source(args)[1] if base is not None else None,
+            tokens_per_step=args.seq_len * args.train_batch_size * args.gradient_accumulation_steps * world,
+            **counts,
+        )
+    )
 
     from tqdm.auto import tqdm
 
@@ -558,12 +864,21 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         bar.set_postfix(loss=f"{loss:.3f}")
         done = step + 1
         if done % args.logging_steps == 0 or done == 1:
-            log({"step": done, "loss": loss, "lr": lr_sched.get_last_lr()[0], "elapsed_s": time.time() - started})
+            log(
+                {
+                    "step": done,
+                    "loss": loss,
+                    "lr": lr_sched.get_last_lr()[0],
+                    "elapsed_s": time.time() - started,
+                    "attention_visible_fraction": annealing_visible_fraction(step, args.attention_annealing_steps),
+                }
+            )
         out_of_time = args.max_train_minutes is not None and (time.time() - started) > 60 * args.max_train_minutes
         if done % args.checkpointing_steps == 0 or out_of_time:
             _save_checkpoint(accelerator, args, done, config, tokenizer)
         if val_rows is not None and (done % args.eval_steps == 0 or done == args.max_train_steps or out_of_time):
-            metrics = evaluate_model(accelerator.unwrap_model(model), val_rows, scheduler, args, tokenizer)
+            with accelerator.autocast():  # --mixed_precision: the unwrapped (LoRA: inner) model is not autocast itself
+                metrics = evaluate_model(_inner_model(accelerator, model), val_rows, scheduler, args, tokenizer)
             metrics["step"] = done
             log(metrics)
             model.train()
@@ -574,9 +889,172 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     final = {"step": done, "train_loss": loss, "wall_time_s": time.time() - started, **metrics}
     if main_proc:
-        _save_pipeline(accelerator.unwrap_model(model), scheduler, tokenizer, args, final)
+        unwrapped = accelerator.unwrap_model(model)
+        if args.lora_r:
+            final["adapter"] = save_training_adapter(unwrapped, args, final)
+            unwrapped = unwrapped.merge_and_unload()
+        saved_scheduler, presets = scheduler, None
+        if base is not None:
+            presets = dict(base.scheduler_presets)
+            if args.init_from_pretrained and not args.scheduler_config:
+                saved_scheduler = base.scheduler  # a released model keeps its family's default sampler
+        _save_pipeline(unwrapped, saved_scheduler, tokenizer, args, final, presets)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_init_pipeline(args: argparse.Namespace) -> Any:
+    """The ``DFMPipeline`` of ``--init_from_causal_lm`` (converted) or ``--init_from_pretrained``; None without.
+
+    Loading or conversion errors become ``ValueError`` naming the flag (nothing is written before)."""
+    source = init_source(args)
+    if source is None:
+        return None
+    from ..pipelines import DFMPipeline
+
+    flag, path = source
+    try:
+        if flag == "--init_from_causal_lm":
+            kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+            pipe = DFMPipeline.from_causal_lm(
+                path, mask_token=args.mask_token or "<|mask|>", mask_token_id=args.mask_token_id, **kwargs
+            )
+        else:
+            pipe = DFMPipeline.from_pretrained(path)
+    except (ValueError, OSError, TypeError) as e:
+        raise ValueError(f"`{flag}` {path!r}: {e}") from e
+    if pipe.tokenizer is None:
+        raise ValueError(f"`{flag}` {path!r} has no tokenizer.")
+    return pipe
+
+
+def apply_lora(model: Any, args: argparse.Namespace, trainable_token_indices: Optional[list[int]] = None) -> Any:
+    """``peft.get_peft_model`` with LoRA on ``--lora_target_modules`` (``--lora_r``, ``--lora_alpha``,
+    ``--lora_dropout``) and, when given, the embedding rows ``trainable_token_indices`` trainable too (peft's
+    trainable tokens: only those rows' deltas are trained and saved; a tied head shares them)."""
+    from peft import LoraConfig, get_peft_model
+
+    check_lora_targets(model, args.lora_target_modules_list)
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=list(args.lora_target_modules_list),
+        bias="none",
+        trainable_token_indices=trainable_token_indices,
+    )
+    return get_peft_model(model, config)
+
+
+def check_lora_targets(model: Any, targets: list[str]) -> None:
+    """``ValueError`` naming ``--lora_target_modules`` when a name is not a linear layer of ``model``."""
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [m for m in targets if m not in linear]
+    if missing:
+        raise ValueError(
+            f"`--lora_target_modules` {missing} are not linear layers of the model; it has {sorted(linear)}."
+        )
+
+
+def _inner_model(accelerator: Any, model: Any) -> Any:
+    """The model to evaluate: unwrapped, and for LoRA the injected base model (a ``DFMForMaskedGeneration``)."""
+    unwrapped = accelerator.unwrap_model(model)
+    return unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+
+
+def save_training_adapter(peft_model: Any, args: argparse.Namespace, final: dict[str, Any]) -> str:
+    """``<output_dir>/adapter``, written into a temp folder, then renamed; returns the folder. It holds:
+
+    - ``adapter_config.json`` + ``adapter_model.safetensors``: the LoRA adapter alone (peft's format; it loads with
+      ``pipe.load_lora_weights`` on the base);
+    - ``embedding_rows.safetensors`` (with ``--init_from_causal_lm``): ``token_ids`` and the trained rows of
+      ``model.embed_tokens.weight`` there (the mask row; a tied head shares it; an untied head's rows are added as
+      ``lm_head.weight``), to be written into the converted base before the adapter is applied;
+    - ``dfm_base.json``: how to rebuild that base (``DFMPipeline.from_causal_lm`` arguments, or the pretrained path);
+    - ``README.md``: a card.
+
+    :func:`load_adapted_pipeline` puts the three together again.
+    """
+    import copy
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from ..hub import render_lora_card
+
+    path = os.path.join(args.output_dir, ADAPTER_SUBFOLDER)
+    tmp = os.path.join(args.output_dir, f".tmp-{ADAPTER_SUBFOLDER}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    flag, source = init_source(args)
+    base = {"init_from_causal_lm" if flag == "--init_from_causal_lm" else "init_from_pretrained": source}
+    if flag == "--init_from_causal_lm":
+        reused = args.mask_token_id is not None  # an existing token is the mask: no new token string
+        base.update(gguf_file=args.gguf_file, mask_token=None if reused else (args.mask_token or "<|mask|>"),
+                    mask_token_id=args.mask_token_id)  # fmt: skip
+    (name, config), *_ = peft_model.peft_config.items()
+    state = get_peft_model_state_dict(peft_model, adapter_name=name, save_embedding_layers=False)
+    rows = {k: v for k, v in state.items() if "trainable_tokens_delta" in k}
+    lora = {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in rows}
+    save_file(lora, os.path.join(tmp, ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+    lora_config = copy.deepcopy(config)
+    lora_config.trainable_token_indices = None  # the rows travel in embedding_rows.safetensors
+    lora_config.base_model_name_or_path = source
+    lora_config.inference_mode = True
+    lora_config.save_pretrained(tmp)
+    if rows:
+        (key, values), *more = rows.items()
+        if more:
+            raise ValueError(f"expected one trained embedding table, got {sorted(rows)}")
+        ids = torch.tensor(config.trainable_token_indices, dtype=torch.long)
+        tensors = {"token_ids": ids, "model.embed_tokens.weight": values.detach().float().cpu().contiguous()}
+        inner = peft_model.get_base_model()
+        if not inner.config.tie_word_embeddings:  # the untied head's rows, as they are (not trained)
+            tensors["lm_head.weight"] = inner.lm_head.weight.detach()[ids].float().cpu().contiguous()
+        save_file(tensors, os.path.join(tmp, EMBEDDING_ROWS_FILE))
+    with open(os.path.join(tmp, BASE_RECIPE_FILE), "w", encoding="utf-8") as f:
+        json.dump(base, f, indent=2)
+    skip = ("coupling_spec", "model_config_fields", "lora_target_modules_list")
+    training = {k: v for k, v in vars(args).items() if k not in skip}
+    repo = os.path.basename(os.path.abspath(args.output_dir)) + "-lora"
+    render_lora_card(repo, base_model=source, training={**training, **final}).save(os.path.join(tmp, "README.md"))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
+def load_adapted_pipeline(adapter_dir: str, fuse: bool = True) -> Any:
+    """The pipeline of a training run's ``adapter/`` folder (see :func:`save_training_adapter`): the base rebuilt
+    from ``dfm_base.json``, the trained embedding rows written into it, the LoRA adapter loaded (and fused unless
+    ``fuse=False``). The scheduler is the base's default."""
+    from safetensors.torch import load_file
+
+    from ..pipelines import DFMPipeline
+
+    recipe_file = os.path.join(adapter_dir, BASE_RECIPE_FILE)
+    if not os.path.isfile(recipe_file):
+        raise ValueError(f"`adapter_dir` {adapter_dir!r} has no {BASE_RECIPE_FILE}: not an adapter of train_dfm.py.")
+    with open(recipe_file, encoding="utf-8") as f:
+        recipe = json.load(f)
+    if "init_from_causal_lm" in recipe:
+        kwargs = {"gguf_file": recipe["gguf_file"]} if recipe.get("gguf_file") else {}
+        mask = {"mask_token": recipe.get("mask_token") or "<|mask|>", "mask_token_id": recipe.get("mask_token_id")}
+        pipe = DFMPipeline.from_causal_lm(recipe["init_from_causal_lm"], **mask, **kwargs)
+    else:
+        pipe = DFMPipeline.from_pretrained(recipe["init_from_pretrained"])
+    pipe.model.to(torch.float32)
+    rows_file = os.path.join(adapter_dir, EMBEDDING_ROWS_FILE)
+    if os.path.isfile(rows_file):
+        rows = load_file(rows_file)
+        params = dict(pipe.model.named_parameters())
+        with torch.no_grad():
+            for name, values in rows.items():
+                if name != "token_ids":
+                    params[name][rows["token_ids"]] = values.to(params[name].dtype)
+    pipe.load_lora_weights(adapter_dir)
+    if fuse:
+        pipe.fuse_lora()
+    return pipe
 
 
 def _tensorboard(logdir: str) -> Any:
@@ -600,7 +1078,7 @@ def _save_checkpoint(accelerator: Any, args: argparse.Namespace, step: int, conf
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "training_state.json"), "w", encoding="utf-8") as f:
-            state = {"step": step, "model_config": _config_signature(config)}
+            state = {"step": step, "model_config": _config_signature(config), "recipe": training_recipe(args)}
             json.dump({**state, "tokenizer_sha256": _tokenizer_fingerprint(tokenizer)}, f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -610,11 +1088,12 @@ def _save_checkpoint(accelerator: Any, args: argparse.Namespace, step: int, conf
 
 
 @torch.no_grad()
-def evaluate_model(model: Any, rows: torch.Tensor, scheduler: Any, args: Any, tokenizer: Any) -> dict[str, Any]:
+def evaluate_model(model: Any, rows: Any, scheduler: Any, args: Any, tokenizer: Any) -> dict[str, Any]:
     """Validation CE loss, the ELBO perplexity bound and a few unconditional samples.
 
-    The bound: ``-log p(x1) <= int_0^1 sum_i GKL_i(t) dt`` (DFM_NOTES.md); estimated with ``t`` stratified over
-    ``[0, 1 - 1e-3]`` on ``--eval_batches`` batches, divided by the number of tokens: ``ppl_bound = exp(bound)``.
+    The bound: ``-log p(x1) <= int_0^1 sum_i GKL_i(t) dt`` (docs/math.md, section 7); estimated with ``t``
+    stratified over ``[0, 1 - 1e-3]`` on ``--eval_batches`` batches, divided by the number of tokens:
+    ``ppl_bound = exp(bound)``.
     """
     from ..models.modeling_dfm import generalized_kl_loss
     from .collator import DFMDataCollator
@@ -628,21 +1107,27 @@ def evaluate_model(model: Any, rows: torch.Tensor, scheduler: Any, args: Any, to
     collator = DFMDataCollator(scheduler=scheduler, coupling="unconditional", time_sampling="stratified",
                                pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     for b in range(n_batches):
-        chunk = rows[(b * bs) % len(rows) :][:bs]
+        start = (b * bs) % len(rows)
+        # packed rows: a tensor slice; SFT rows (prompt as conditioning, kept by the collator): a list of examples
+        chunk = rows[start:][:bs] if isinstance(rows, torch.Tensor) else rows[range(start, min(start + bs, len(rows)))]
         collator.generator = torch.Generator().manual_seed(10_000 + b)
         batch = {k: v.to(device) for k, v in collator(chunk).items() if isinstance(v, torch.Tensor)}
-        out = model(input_ids=batch["input_ids"], timesteps=batch["timesteps"], attention_mask=batch["attention_mask"])
         scored = batch["labels"] != -100
-        ce = torch.nn.functional.cross_entropy(out.logits[scored].float(), batch["labels"][scored], reduction="sum")
-        ce_total += ce.item()
-        rate = kappa_rate(batch["timesteps"], scheduler.schedule).view(-1, 1)
-        n_tok = chunk.numel()
+        logits = model(
+            input_ids=batch["input_ids"],
+            timesteps=batch["timesteps"],
+            attention_mask=batch["attention_mask"],
+            logits_to_keep=scored,
+        ).logits
+        labels = batch["labels"][scored]
+        ce_total += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
+        rate = kappa_rate(batch["timesteps"], scheduler.schedule)[:, None].expand(scored.shape)[scored]
         elbo_total += generalized_kl_loss(
-            out.logits, batch["labels"], batch["input_ids"], rate, num_items_in_batch=1
+            logits, labels, batch["input_ids"][scored], rate.to(device), num_items_in_batch=1
         ).item()
-        tokens += n_tok
+        tokens += int(((batch["attention_mask"] != 0) & ~batch["condition_mask"]).sum())
         ce_count += int(scored.sum())
-    bound = elbo_total / tokens
+    bound = elbo_total / max(tokens, 1)
     metrics = {"val_loss": ce_total / max(ce_count, 1), "elbo_per_token": bound, "ppl_bound": math.exp(min(bound, 50))}
     if args.num_samples:
         metrics["samples"] = _samples(model, scheduler, tokenizer, args.num_samples, min(args.seq_len, 64))
@@ -662,12 +1147,21 @@ def _samples(model: Any, scheduler: Any, tokenizer: Any, n: int, length: int) ->
     return pipe(gen_length=length, num_inference_steps=length, num_samples_per_prompt=n, generator=g).texts
 
 
-def _save_pipeline(model: Any, scheduler: Any, tokenizer: Any, args: argparse.Namespace, final: dict) -> None:
+def _save_pipeline(
+    model: Any,
+    scheduler: Any,
+    tokenizer: Any,
+    args: argparse.Namespace,
+    final: dict,
+    presets: Optional[dict[str, Any]] = None,
+) -> None:
     from ..hub import write_training_card
     from ..pipelines import DFMPipeline
 
     model = model.to(torch.float32).eval()
     pipe = DFMPipeline(model=model, scheduler=scheduler, tokenizer=tokenizer)
+    if presets:
+        pipe.scheduler_presets = {**pipe.scheduler_presets, **presets}
     pipe.save_pretrained(args.output_dir)
     write_training_card(args.output_dir, vars(args), final)
 
