@@ -154,11 +154,22 @@ class DiscreteFlowScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
         self._step_index = None
 
     # ------------------------------------------------------------------ helpers
-    def _alpha(self, t: float) -> float:
+    def _jump_probabilities(
+        self, t: torch.Tensor, t_next: torch.Tensor, last: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(kappa_t, p_fwd, p_bwd)`` of a step from ``t`` to ``t_next`` (float64 tensors of any shape; ``last`` marks
+        steps that land on 1): ``alpha_t = 1 + corrector_alpha t^a (1 - t)^b``, ``beta_t = alpha_t - 1`` (0 on the last
+        step), ``p_fwd = 1 - ((1 - kappa_{t'}) / (1 - kappa_t))^alpha_t`` (1 on the last step) and
+        ``p_bwd = 1 - (kappa_t / kappa_{t'})^beta_t``."""
         c = self.config
-        if c.corrector_alpha == 0:
-            return 1.0
-        return 1.0 + c.corrector_alpha * (t**c.corrector_a) * ((1.0 - t) ** c.corrector_b)
+        k, k_next = self.schedule.kappa(t), self.schedule.kappa(t_next)
+        alpha = torch.ones_like(t)
+        if c.corrector_alpha != 0:
+            alpha = 1.0 + c.corrector_alpha * t**c.corrector_a * (1.0 - t) ** c.corrector_b
+        beta = torch.where(last, torch.zeros_like(alpha), alpha - 1.0)
+        p_fwd = torch.where(last | (k >= 1.0), torch.ones_like(k), 1.0 - ((1.0 - k_next) / (1.0 - k)) ** alpha)
+        p_bwd = torch.where((beta == 0) | (k <= 0.0), torch.zeros_like(k), 1.0 - (k / k_next) ** beta)
+        return k, p_fwd, p_bwd
 
     @property
     def _source_size(self) -> int:
@@ -186,13 +197,9 @@ class DiscreteFlowScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
         c = self.config
         if c.block_length is not None:
             return self._plan_blocks(sample, i, generator, condition_mask)
-        t, t_next = self._times[i], self._times[i + 1]
-        last = i == self.num_inference_steps - 1
-        k, k_next = (float(v) for v in self.schedule.kappa(torch.tensor([t, t_next], dtype=torch.float64)))
-        alpha = self._alpha(t)
-        beta = 0.0 if last else alpha - 1.0
-        p_fwd = 1.0 if (last or k >= 1.0) else 1.0 - ((1.0 - k_next) / (1.0 - k)) ** alpha
-        p_bwd = 0.0 if (beta == 0.0 or k <= 0.0) else 1.0 - (k / k_next) ** beta
+        t, t_next = (torch.tensor(v, dtype=torch.float64) for v in self._times[i : i + 2])
+        k, p_fwd, p_bwd = self._jump_probabilities(t, t_next, torch.tensor(i == self.num_inference_steps - 1))
+        p_fwd, p_bwd = p_fwd.to(sample.device), p_bwd.to(sample.device)
         free = torch.ones_like(sample, dtype=torch.bool) if condition_mask is None else ~condition_mask.bool()
         u = rng.rand_at(free, generator).squeeze(-1)
         if c.source_distribution == "mask":
@@ -204,14 +211,14 @@ class DiscreteFlowScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
             forward = free & (u < p_fwd)
             backward = free & ~forward & (u < p_fwd + (1.0 - p_fwd) * p_bwd)
             needs = forward | backward
-        timesteps = torch.full((sample.shape[0],), t, dtype=torch.float32, device=sample.device)
+        timesteps = torch.full((sample.shape[0],), float(t), dtype=torch.float32, device=sample.device)
         return StepPlan(
             step_index=i,
             positions=needs,
             counts=rng.row_counts(needs),
             forward=forward,
             backward=backward,
-            kappa=k,
+            kappa=float(k),
             timesteps=timesteps,
         )
 
@@ -229,14 +236,7 @@ class DiscreteFlowScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
         span = (blocks.last_step - blocks.first_step + 1).to(torch.float64)
         local = (i - blocks.first_step).to(torch.float64)
         t, t_next = self._spaced(local / span), self._spaced((local + 1) / span)
-        last = blocks.last_step == i
-        k, k_next = self.schedule.kappa(t), self.schedule.kappa(t_next)
-        alpha = torch.ones_like(t)
-        if c.corrector_alpha != 0:
-            alpha = 1.0 + c.corrector_alpha * t**c.corrector_a * (1.0 - t) ** c.corrector_b
-        beta = torch.where(last, torch.zeros_like(alpha), alpha - 1.0)
-        p_fwd = torch.where(last | (k >= 1.0), torch.ones_like(k), 1.0 - ((1.0 - k_next) / (1.0 - k)) ** alpha)
-        p_bwd = torch.where((beta == 0) | (k <= 0.0), torch.zeros_like(k), 1.0 - (k / k_next) ** beta)
+        k, p_fwd, p_bwd = self._jump_probabilities(t, t_next, blocks.last_step == i)
         u = rng.rand_at(blocks.window, generator).squeeze(-1)
         masked = sample == c.mask_token_id
         forward = blocks.window & masked & (u < p_fwd.unsqueeze(1))
