@@ -337,7 +337,7 @@ def build_pipeline_from_bundle(
     )
     _apply_config(pipe.model, os.path.join(bundle_dir, "model", "config.json"), base)
     if spec.get("embedding_rows"):
-        _write_rows(pipe.model, load_file(os.path.join(bundle_dir, spec["embedding_rows"])), bundle_dir)
+        write_embedding_rows(pipe.model, load_file(os.path.join(bundle_dir, spec["embedding_rows"])), bundle_dir)
     if spec.get("extra_tensors"):
         _write_tensors(pipe.model, load_file(os.path.join(bundle_dir, spec["extra_tensors"])), bundle_dir)
     adapter = os.path.join(bundle_dir, ADAPTER_DIR)
@@ -373,11 +373,12 @@ def _apply_config(model: Any, config_path: str, base: BaseModelSource) -> None:
             setattr(model.config, key, value)
 
 
-def _write_rows(model: Any, tensors: dict[str, Any], bundle_dir: str) -> None:
-    """Copy the bundle's embedding (and untied head) rows into the model, at ``token_ids``."""
+def write_embedding_rows(model: Any, tensors: dict[str, Any], folder: str) -> None:
+    """Copy trained embedding (and untied head) rows into ``model`` at ``token_ids``: the contents of an
+    ``embedding_rows.safetensors`` of ``folder`` (a bundle or a training run's ``adapter/``), checked first."""
     import torch
 
-    where = f"{bundle_dir}/{EMBEDDING_ROWS_FILE}"
+    where = f"{folder}/{EMBEDDING_ROWS_FILE}"
     ids = tensors.get("token_ids")
     if ids is None or ids.dim() != 1:
         raise ValueError(f"{where} must hold a 1-d `token_ids` tensor")

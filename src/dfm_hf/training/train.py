@@ -37,6 +37,8 @@ from typing import Any, Optional
 
 import torch
 
+from ..default_model import EMBEDDING_ROWS_FILE  # the trained rows (``token_ids`` + rows), as in bundles
+from ..hub_download import ADAPTER_WEIGHTS as ADAPTER_WEIGHTS_FILE
 from ..models.configuration_dfm import LOSS_TYPES as LOSSES
 from ..paths import COUPLINGS, PREDICTION_TYPES
 from .losses import LOSS_WEIGHTINGS
@@ -46,10 +48,6 @@ LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 ADAPTER_SUBFOLDER = "adapter"
 #: Written next to the adapter: how to rebuild the base model it applies to.
 BASE_RECIPE_FILE = "dfm_base.json"
-#: The adapter's trained embedding rows (``token_ids`` + ``model.embed_tokens.weight`` rows; the layout of
-#: ``dfm_hf.default_model``'s bundles) and its LoRA weights.
-EMBEDDING_ROWS_FILE = "embedding_rows.safetensors"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 DEFAULT_MODEL_CONFIG = "tiny"
 DEFAULT_TOKENIZER_VOCAB_SIZE = 8192
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
@@ -1029,6 +1027,7 @@ def load_adapted_pipeline(adapter_dir: str, fuse: bool = True) -> Any:
     ``fuse=False``). The scheduler is the base's default."""
     from safetensors.torch import load_file
 
+    from ..default_model import write_embedding_rows
     from ..pipelines import DFMPipeline
 
     recipe_file = os.path.join(adapter_dir, BASE_RECIPE_FILE)
@@ -1045,12 +1044,7 @@ def load_adapted_pipeline(adapter_dir: str, fuse: bool = True) -> Any:
     pipe.model.to(torch.float32)
     rows_file = os.path.join(adapter_dir, EMBEDDING_ROWS_FILE)
     if os.path.isfile(rows_file):
-        rows = load_file(rows_file)
-        params = dict(pipe.model.named_parameters())
-        with torch.no_grad():
-            for name, values in rows.items():
-                if name != "token_ids":
-                    params[name][rows["token_ids"]] = values.to(params[name].dtype)
+        write_embedding_rows(pipe.model, load_file(rows_file), adapter_dir)
     pipe.load_lora_weights(adapter_dir)
     if fuse:
         pipe.fuse_lora()
