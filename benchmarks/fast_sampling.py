@@ -4,12 +4,12 @@ against diffusers' ``LLaDA2Pipeline`` on the same weights.
 
 Shapes (the issue's): batch 8, a 256-token prompt, 256 generated tokens, blocks of 32, 256 steps (one token per step),
 greedy ``ConfidenceUnmaskingScheduler`` (LLaDA's low-confidence remasking); ``confidence_threshold=0.9`` for the
-threshold line. Models: the bundled DFM model (vocabulary 4096) and a random model of the same shape with a 32k
-vocabulary (``--model``). Lines:
+threshold line. Models: the small bundled DFM model (vocabulary 4096) and a random model of the same shape with a 32k
+vocabulary (``--model``; also any pipeline folder, e.g. the adapted SmolLM2 model, at smaller shapes). Lines:
 
 * tokens/s of each mode vs the exact block path (targets: dual + threshold >= 5x, dual >= 2.5x) and vs
   ``LLaDA2Pipeline`` (INFO); timings alternate in the same process (``benchmarks/common.py``);
-* quality (bundled model): greedy token agreement with the exact path, and with ``--judge`` the generative
+* quality: greedy token agreement with the exact path, and with ``--judge`` the generative
   perplexity / mean unigram entropy of the generated texts from the SmolLM2 judge (``dfm_hf.judge``, the judge of
   ``dfm-hf evaluate``);
 * memory: bytes held by the cache (every layer's keys and values) against the peak extra memory of one full forward
@@ -53,18 +53,19 @@ SIZE_ARGS = ("vocab", "batch", "prompt_length", "gen_length", "seed", "device")
 
 
 def _load(name: str, args: Any) -> Any:
-    """The bundled pipeline, or a random model of the bundled shape with ``--vocab`` tokens."""
-    from dfm_hf.bundled_model import bundled_model_path
+    """The small bundled pipeline (``small``), a pipeline folder, or a random model of the small model's shape with
+    ``--vocab`` tokens (``random``)."""
+    from dfm_hf.bundled_model import small_model_path
     from dfm_hf.pipelines import DFMPipeline
 
     total = args.prompt_length + args.gen_length
-    if name == "bundled":
-        pipe = DFMPipeline.from_pretrained(bundled_model_path()).to(args.device)
+    if name != "random":
+        pipe = DFMPipeline.from_pretrained(small_model_path() if name == "small" else name).to(args.device)
         if pipe.model.config.max_position_embeddings < total:
-            raise SystemExit(f"the bundled model holds {pipe.model.config.max_position_embeddings} positions < {total}")
+            raise SystemExit(f"{name} holds {pipe.model.config.max_position_embeddings} positions < {total}")
         pipe.set_progress_bar_config(disable=True)
         return pipe
-    c = DFMPipeline.from_pretrained(bundled_model_path()).model.config
+    c = DFMPipeline.from_pretrained(small_model_path()).model.config
     return random_pipeline(
         vocab=args.vocab,
         hidden=c.hidden_size,
@@ -134,7 +135,9 @@ def _judge(texts: list[str], device: str) -> tuple[float, float]:
 
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("bundled", "random", "both"), default="both")
+    parser.add_argument(
+        "--model", default="both", help="small (the 4M model in the package), random, both, or a pipeline folder"
+    )
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary of the random model")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-length", type=int, default=256)
@@ -161,7 +164,7 @@ def main() -> None:
 
     from dfm_hf.schedulers import ConfidenceUnmaskingScheduler
 
-    names = ["bundled", "random"] if args.model == "both" else [args.model]
+    names = ["small", "random"] if args.model == "both" else [args.model]
     print_header(
         "fast block-wise sampling: approximate KV cache and threshold decoding vs the exact block path",
         args.device,
