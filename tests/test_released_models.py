@@ -234,9 +234,9 @@ def test_truncated_own_checkpoint_names_the_file(tmp_path):
 def test_truncated_weights_of_a_bundled_pipeline_copy_are_named(tmp_path):
     import shutil
 
-    from dfm_hf.cli import bundled_model_path
+    from dfm_hf.bundled_model import small_model_path
 
-    shutil.copytree(bundled_model_path(), tmp_path / "pipe")
+    shutil.copytree(small_model_path(), tmp_path / "pipe")
     path = tmp_path / "pipe" / "model" / "model.safetensors"
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)

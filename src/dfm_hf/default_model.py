@@ -706,40 +706,78 @@ def save_bundle_from_finetuned(
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m dfm_hf.default_model --tuned RUN --output DIR``: a bundle from a fine-tuned (or LoRA-merged)
-    pipeline folder of SmolLM2 (see :func:`save_bundle_from_finetuned`); prints the report as JSON."""
+    """``python -m dfm_hf.default_model (--adapter RUN/adapter | --tuned RUN) --output DIR``: a bundle from a LoRA
+    training run's ``adapter/`` folder (the adapter as trained, see :func:`save_adapted_bundle`) or from a fine-tuned
+    (or LoRA-merged) pipeline folder of SmolLM2 (see :func:`save_bundle_from_finetuned`); prints a JSON report."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m dfm_hf.default_model", description=main.__doc__)
-    p.add_argument("--tuned", required=True, help="the fine-tuned DFM pipeline folder (model_index.json)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--adapter", help="a training run's adapter/ folder (LoRA weights, rows, dfm_base.json)")
+    source.add_argument("--tuned", help="the fine-tuned DFM pipeline folder (model_index.json)")
     p.add_argument("--output", required=True, help="the new bundle folder, e.g. src/dfm_hf/bundled/dfm-code-smollm2")
-    p.add_argument("--rank", type=int, default=MAX_LORA_RANK)
-    p.add_argument("--targets", nargs="+", default=list(DEFAULT_LORA_TARGETS))
+    p.add_argument("--scheduler_from", default=None, help="a pipeline folder whose scheduler and presets to ship")
+    p.add_argument("--temperature", type=float, default=None, help="the shipped default scheduler's temperature")
+    p.add_argument("--rank", type=int, default=MAX_LORA_RANK, help="--tuned only: the SVD rank")
+    p.add_argument("--targets", nargs="+", default=list(DEFAULT_LORA_TARGETS), help="--tuned only")
     p.add_argument("--reused_mask_token_id", type=int, default=None, help="when an existing token is the mask")
-    p.add_argument("--mask_row_only", action="store_true", help="ship only the mask's embedding row")
+    p.add_argument("--mask_row_only", action="store_true", help="--tuned only: ship only the mask's embedding row")
     p.add_argument("--card", default=None, help="a README.md for the bundle (default: a short generated card)")
     p.add_argument("--name", default="dfm-code-smollm2", help="the bundle's name (cache folder prefix)")
     args = p.parse_args(argv)
     from .pipelines import DFMPipeline
 
-    if not os.path.isfile(os.path.join(args.tuned, "model_index.json")):
-        raise ValueError(f"`--tuned` {args.tuned!r} is not a DFM pipeline folder (no model_index.json)")
+    for flag in ("tuned", "scheduler_from"):
+        folder = getattr(args, flag)
+        if folder is not None and not os.path.isfile(os.path.join(folder, "model_index.json")):
+            raise ValueError(f"`--{flag}` {folder!r} is not a DFM pipeline folder (no model_index.json)")
+    if args.temperature is not None and not args.temperature > 0:
+        raise ValueError(f"`--temperature` must be > 0, got {args.temperature}")
     card = None
     if args.card is not None:
         with open(args.card, encoding="utf-8") as f:
             card = f.read()
-    report = save_bundle_from_finetuned(
-        DFMPipeline.from_pretrained(args.tuned),
-        args.output,
-        rank=args.rank,
-        target_modules=tuple(args.targets),
-        reused_mask_token_id=args.reused_mask_token_id,
-        changed_rows=not args.mask_row_only,
-        card=card,
-        name=args.name,
-    )
+    if args.adapter is not None:
+        from .training.train import load_adapted_pipeline
+
+        pipe = load_adapted_pipeline(args.adapter, fuse=False)
+    else:
+        pipe = DFMPipeline.from_pretrained(args.tuned)
+    _ship_scheduler(pipe, args.scheduler_from, args.temperature)
+    if args.adapter is not None:
+        save_adapted_bundle(
+            pipe, args.output, reused_mask_token_id=args.reused_mask_token_id, card=card, name=args.name
+        )
+        report: dict[str, Any] = {"output": args.output, "bytes": _folder_bytes(args.output)}
+    else:
+        report = save_bundle_from_finetuned(
+            pipe,
+            args.output,
+            rank=args.rank,
+            target_modules=tuple(args.targets),
+            reused_mask_token_id=args.reused_mask_token_id,
+            changed_rows=not args.mask_row_only,
+            card=card,
+            name=args.name,
+        )
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _ship_scheduler(pipe: Any, scheduler_from: Optional[str], temperature: Optional[float]) -> None:
+    """Give ``pipe`` the scheduler and presets of ``scheduler_from`` (a pipeline folder), then ``temperature``."""
+    if scheduler_from is not None:
+        from .pipelines.presets import default_scheduler_presets, load_presets_from_folder, scheduler_from_config_file
+
+        pipe.scheduler = scheduler_from_config_file(os.path.join(scheduler_from, "scheduler", "scheduler_config.json"))
+        presets = load_presets_from_folder(scheduler_from)
+        pipe.scheduler_presets = {**default_scheduler_presets(pipe.scheduler), **presets}
+    if temperature is not None:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, temperature=temperature)
+
+
+def _folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
 
 
 if __name__ == "__main__":
