@@ -49,6 +49,7 @@ __all__ = [
     "BaseModelSource",
     "base_from_folder",
     "build_pipeline_from_bundle",
+    "load_adapted_pipeline",
     "bundle_fingerprint",
     "cache_root",
     "materialize_bundle",
@@ -64,6 +65,8 @@ BUNDLE_FORMAT = "dfm_hf.adapted_bundle"
 BUNDLE_FORMAT_VERSION = 1
 ADAPTER_DIR = "adapter"
 EMBEDDING_ROWS_FILE = "embedding_rows.safetensors"
+#: How a training run's ``adapter/`` folder says to rebuild its base (``init_from_causal_lm`` / ``_pretrained``).
+BASE_RECIPE_FILE = "dfm_base.json"
 EXTRA_TENSORS_FILE = "extra_tensors.safetensors"
 #: Linear layers a LoRA adapter of a Llama-family DFM model targets by default.
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -705,6 +708,36 @@ def save_bundle_from_finetuned(
     }
 
 
+def load_adapted_pipeline(adapter_dir: str, fuse: bool = True) -> Any:
+    """The pipeline of a training run's ``adapter/`` folder (see :func:`save_training_adapter`): the base rebuilt
+    from ``dfm_base.json``, the trained embedding rows written into it, the LoRA adapter loaded (and fused unless
+    ``fuse=False``). The scheduler is the base's default."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .pipelines import DFMPipeline
+
+    recipe_file = os.path.join(adapter_dir, BASE_RECIPE_FILE)
+    if not os.path.isfile(recipe_file):
+        raise ValueError(f"`adapter_dir` {adapter_dir!r} has no {BASE_RECIPE_FILE}: not an adapter of train_dfm.py.")
+    with open(recipe_file, encoding="utf-8") as f:
+        recipe = json.load(f)
+    if "init_from_causal_lm" in recipe:
+        kwargs = {"gguf_file": recipe["gguf_file"]} if recipe.get("gguf_file") else {}
+        mask = {"mask_token": recipe.get("mask_token") or "<|mask|>", "mask_token_id": recipe.get("mask_token_id")}
+        pipe = DFMPipeline.from_causal_lm(recipe["init_from_causal_lm"], **mask, **kwargs)
+    else:
+        pipe = DFMPipeline.from_pretrained(recipe["init_from_pretrained"])
+    pipe.model.to(torch.float32)
+    rows_file = os.path.join(adapter_dir, EMBEDDING_ROWS_FILE)
+    if os.path.isfile(rows_file):
+        write_embedding_rows(pipe.model, load_file(rows_file), adapter_dir)
+    pipe.load_lora_weights(adapter_dir)
+    if fuse:
+        pipe.fuse_lora()
+    return pipe
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m dfm_hf.default_model (--adapter RUN/adapter | --tuned RUN) --output DIR``: a bundle from a LoRA
     training run's ``adapter/`` folder (the adapter as trained, see :func:`save_adapted_bundle`) or from a fine-tuned
@@ -738,8 +771,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         with open(args.card, encoding="utf-8") as f:
             card = f.read()
     if args.adapter is not None:
-        from .training.train import load_adapted_pipeline
-
         pipe = load_adapted_pipeline(args.adapter, fuse=False)
     else:
         pipe = DFMPipeline.from_pretrained(args.tuned)

@@ -37,7 +37,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..default_model import EMBEDDING_ROWS_FILE  # the trained rows (``token_ids`` + rows), as in bundles
+# adapter files as in bundles; load_adapted_pipeline (a run's adapter/ -> its pipeline) is re-exported from here
+from ..default_model import BASE_RECIPE_FILE, EMBEDDING_ROWS_FILE, load_adapted_pipeline  # noqa: F401
 from ..hub_download import ADAPTER_WEIGHTS as ADAPTER_WEIGHTS_FILE
 from ..models.configuration_dfm import LOSS_TYPES as LOSSES
 from ..paths import COUPLINGS, PREDICTION_TYPES
@@ -47,7 +48,6 @@ from .losses import LOSS_WEIGHTINGS
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_SUBFOLDER = "adapter"
 #: Written next to the adapter: how to rebuild the base model it applies to.
-BASE_RECIPE_FILE = "dfm_base.json"
 DEFAULT_MODEL_CONFIG = "tiny"
 DEFAULT_TOKENIZER_VOCAB_SIZE = 8192
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
@@ -1019,36 +1019,6 @@ def save_training_adapter(peft_model: Any, args: argparse.Namespace, final: dict
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return path
-
-
-def load_adapted_pipeline(adapter_dir: str, fuse: bool = True) -> Any:
-    """The pipeline of a training run's ``adapter/`` folder (see :func:`save_training_adapter`): the base rebuilt
-    from ``dfm_base.json``, the trained embedding rows written into it, the LoRA adapter loaded (and fused unless
-    ``fuse=False``). The scheduler is the base's default."""
-    from safetensors.torch import load_file
-
-    from ..default_model import write_embedding_rows
-    from ..pipelines import DFMPipeline
-
-    recipe_file = os.path.join(adapter_dir, BASE_RECIPE_FILE)
-    if not os.path.isfile(recipe_file):
-        raise ValueError(f"`adapter_dir` {adapter_dir!r} has no {BASE_RECIPE_FILE}: not an adapter of train_dfm.py.")
-    with open(recipe_file, encoding="utf-8") as f:
-        recipe = json.load(f)
-    if "init_from_causal_lm" in recipe:
-        kwargs = {"gguf_file": recipe["gguf_file"]} if recipe.get("gguf_file") else {}
-        mask = {"mask_token": recipe.get("mask_token") or "<|mask|>", "mask_token_id": recipe.get("mask_token_id")}
-        pipe = DFMPipeline.from_causal_lm(recipe["init_from_causal_lm"], **mask, **kwargs)
-    else:
-        pipe = DFMPipeline.from_pretrained(recipe["init_from_pretrained"])
-    pipe.model.to(torch.float32)
-    rows_file = os.path.join(adapter_dir, EMBEDDING_ROWS_FILE)
-    if os.path.isfile(rows_file):
-        write_embedding_rows(pipe.model, load_file(rows_file), adapter_dir)
-    pipe.load_lora_weights(adapter_dir)
-    if fuse:
-        pipe.fuse_lora()
-    return pipe
 
 
 def _tensorboard(logdir: str) -> Any:
