@@ -532,7 +532,7 @@ def save_adapted_bundle(
         }
         with open(os.path.join(tmp, BUNDLE_FILE), "w", encoding="utf-8") as f:
             json.dump(spec, f, indent=2)
-        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp) for f in fs)
+        size = _folder_bytes(tmp)
         if size > max_bytes:
             raise ValueError(
                 f"the bundle takes {size / 2**20:.1f} MiB, over `max_bytes` {max_bytes / 2**20:.1f} "
@@ -709,9 +709,10 @@ def save_bundle_from_finetuned(
 
 
 def load_adapted_pipeline(adapter_dir: str, fuse: bool = True) -> Any:
-    """The pipeline of a training run's ``adapter/`` folder (see :func:`save_training_adapter`): the base rebuilt
-    from ``dfm_base.json``, the trained embedding rows written into it, the LoRA adapter loaded (and fused unless
-    ``fuse=False``). The scheduler is the base's default."""
+    """The pipeline of a training run's ``adapter/`` folder (written by
+    :func:`dfm_hf.training.train.save_training_adapter`): the base rebuilt from ``dfm_base.json``, the trained
+    embedding rows written into it, the LoRA adapter loaded (and fused unless ``fuse=False``). The scheduler is the
+    base's default."""
     import torch
     from safetensors.torch import load_file
 
@@ -808,6 +809,7 @@ def _ship_scheduler(pipe: Any, scheduler_from: Optional[str], temperature: Optio
 
 
 def _folder_bytes(folder: str) -> int:
+    """Bytes of every file under ``folder``."""
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
 
 
