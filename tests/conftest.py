@@ -79,3 +79,16 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch for in-process runs, restored afterwards: tiny models run fastest on one thread, and on
+    a busy 2-core machine the default thread pool spins and is far slower. Modules that train use it for every test
+    (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -33,19 +33,16 @@ from dfm_hf.training.train import (
 
 try:
     from . import conversion_helpers as ch
+    from .run_logs import losses, read_log
 except ImportError:
     import conversion_helpers as ch
+    from run_logs import losses, read_log
 
 MASK = "<|dfm_mask|>"  # a new token: id 384 of the 384-token test tokenizer (an unused row of the 392-row table)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +74,6 @@ def adapt_args(causal: str, data: dict[str, str], out: str, *extra: str) -> list
         "--num_samples", "0", "--no_progress", "--seed", "5", "--attention_annealing_steps", "4",
         "--loss_weighting", "inverse_t", "--output_dir", out, *extra,
     ]  # fmt: skip
-
-
-def read_log(out: str) -> list[dict]:
-    with open(os.path.join(out, "logs", "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def losses(records: list[dict]) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def val_loss(model, tokenizer, scheduler, path: str) -> float:

@@ -32,13 +32,7 @@ def peculiar_code(seed: int, n: int) -> str:
     return "\n".join(blocks)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Single-threaded torch: on a busy 2-core machine the default thread pool spins and is ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import textwrap
 import pytest
 import torch
 from helpers import STDLIB, tiny_tokenizer
+from run_logs import losses, read_log
 from safetensors.torch import load_file
 
 from dfm_hf.pipelines import DFMPipeline
@@ -41,16 +42,6 @@ def tiny_args(data: str, out: str, *extra: str) -> list[str]:
         "--eval_steps", "1000", "--eval_batches", "2", "--num_samples", "0", "--num_workers", "1", "--no_progress",
         "--seed", "3", "--output_dir", out, *extra,
     ]  # fmt: skip
-
-
-def read_log(out: str) -> list[dict]:
-    with open(os.path.join(out, "logs", "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def losses(records: list[dict]) -> dict[int, float]:
-    """step -> training loss (a step logged twice, before a kill and after resuming, keeps its last value)."""
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def starts(records: list[dict]) -> list[dict]:
@@ -88,15 +79,6 @@ def data(tmp_path_factory) -> dict[str, str]:
     for name in ("encoders.py", "iterators.py"):
         shutil.copy(os.path.join(STDLIB, "email", name), val / name)
     return {"train": str(train), "val": str(val)}
-
-
-@pytest.fixture
-def one_thread():
-    """Single-threaded torch for in-process runs (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
