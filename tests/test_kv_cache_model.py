@@ -202,6 +202,30 @@ def test_partial_forward_with_stale_cache_is_an_approximation_and_returns_an_upd
             torch.testing.assert_close(new_layer.keys[:, :, 10:14], fresh.past_key_values.layers[0].keys[:, :, 10:14])
 
 
+def test_cache_in_place_gives_the_same_logits_and_writes_only_the_query_positions():
+    model = make_model(seed=6)
+    ids, mask = padded_batch(seed=7)
+    pos = torch.arange(10, 14).expand(3, 4)
+    new_ids = ids.clone()
+    new_ids[:, 10:14] = torch.tensor([5, 6, 7, 8])
+    with torch.no_grad():
+        copied = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        owned = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        before = cache_keys(owned)
+        kw = dict(attention_mask=mask, position_ids=pos, logits_to_keep=torch.ones(3, 4, dtype=torch.bool))
+        expected = model(new_ids.gather(1, pos), past_key_values=copied, **kw).logits
+        in_place = model(new_ids.gather(1, pos), past_key_values=owned, cache_in_place=True, **kw).logits
+        again = model(new_ids.gather(1, pos), past_key_values=owned, cache_in_place=True, **kw).logits
+    torch.testing.assert_close(in_place, expected, atol=0.0, rtol=0.0)
+    torch.testing.assert_close(again, expected, atol=0.0, rtol=0.0)  # rewritten before read: no drift
+    outside = torch.ones(LENGTH, dtype=torch.bool)
+    outside[10:14] = False
+    for (k0, v0), layer in zip(before, owned.layers):
+        assert torch.equal(layer.keys[:, :, outside], k0[:, :, outside])
+        assert torch.equal(layer.values[:, :, outside], v0[:, :, outside])
+        assert not torch.equal(layer.keys[:, :, 10:14], k0[:, :, 10:14])
+
+
 def test_repeated_positions_are_harmless():
     model = make_model(seed=4)
     ids, mask = padded_batch(seed=5)

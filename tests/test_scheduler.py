@@ -245,6 +245,40 @@ def test_temperature_zero_is_greedy_and_top_k_one_too():
         assert (x == 1).all()
 
 
+@pytest.mark.parametrize("vocab", [5, 127, 128, 129, 300, 4096])
+@pytest.mark.parametrize("forbidden", [None, 0, -1, 3])
+def test_greedy_log_probability_matches_a_float64_reference_with_ties(vocab, forbidden):
+    from dfm_hf.schedulers.sampling import greedy_with_log_probability
+
+    f = None if forbidden is None else forbidden % vocab
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(23, vocab, generator=g)
+    x[:6] = x[:6].round()  # many ties: the first index wins, as argmax
+    x[6, -1] = x[6].max() + 1.0  # the max in the last column (a tail group when vocab % 128 != 0)
+    if f is not None:
+        x[7, f] = x[7].max() + 1.0  # the forbidden token is the max
+        x[8, f] = x[8].max()  # it ties the max
+    tokens, scores = greedy_with_log_probability(x, f)
+    ref = x.double().clone()
+    if f is not None:
+        ref[:, f] = -math.inf
+    expected = ref.argmax(-1)
+    assert torch.equal(tokens, expected)
+    assert f is None or not (tokens == f).any()
+    lse = torch.logsumexp(ref, -1)
+    torch.testing.assert_close(scores.double(), ref.gather(1, expected[:, None])[:, 0] - lse, atol=1e-6, rtol=0)
+    assert torch.equal(x, x.clone())  # the rows are not written
+    bad = x.clone()
+    bad[2, (0 if f is None else f + 1) % vocab] = math.nan  # not the forbidden column
+    with pytest.raises(ValueError, match="NaN"):
+        greedy_with_log_probability(bad, f)
+    if f is not None:
+        only = torch.full((2, vocab), -math.inf)
+        only[:, f] = 0.0
+        with pytest.raises(ValueError, match="only finite logit is the mask"):
+            greedy_with_log_probability(only, f)
+
+
 def test_save_load_from_config_and_compatibles(tmp_path):
     sched = DiscreteFlowScheduler(mask_token_id=MASK, vocab_size=V, kappa_schedule="cosine", corrector_alpha=1.5)
     sched.save_pretrained(tmp_path)

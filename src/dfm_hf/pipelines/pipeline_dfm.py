@@ -650,6 +650,7 @@ class _ModelRunner:
             position_ids=self._twice(query),
             past_key_values=state.cache,
             logits_to_keep=self._twice(keep),
+            cache_in_place=True,  # the query positions are rewritten before they are read, at every step
         )
         state.age += 1
         return self._combine(out.logits)
