@@ -5,7 +5,8 @@ against diffusers' ``LLaDA2Pipeline`` on the same weights.
 Shapes (the issue's): batch 8, a 256-token prompt, 256 generated tokens, blocks of 32, 256 steps (one token per step),
 greedy ``ConfidenceUnmaskingScheduler`` (LLaDA's low-confidence remasking); ``confidence_threshold=0.9`` for the
 threshold line. Models: the small bundled DFM model (vocabulary 4096) and a random model of the same shape with a 32k
-vocabulary (``--model``; also any pipeline folder, e.g. the adapted SmolLM2 model, at smaller shapes). Lines:
+vocabulary (``--model``; also ``default``, the adapted SmolLM2 model, or any pipeline folder, at smaller shapes).
+Lines:
 
 * tokens/s of each mode vs the exact block path (targets: dual + threshold >= 5x, dual >= 2.5x) and vs
   ``LLaDA2Pipeline`` (INFO); timings alternate in the same process (``benchmarks/common.py``);
@@ -53,14 +54,16 @@ SIZE_ARGS = ("vocab", "batch", "prompt_length", "gen_length", "seed", "device")
 
 
 def _load(name: str, args: Any) -> Any:
-    """The small bundled pipeline (``small``), a pipeline folder, or a random model of the small model's shape with
-    ``--vocab`` tokens (``random``)."""
-    from dfm_hf.bundled_model import small_model_path
+    """The small bundled pipeline (``small``), the default model (``default``: the adapted SmolLM2 model when its base
+    is installed), a pipeline folder, or a random model of the small model's shape with ``--vocab`` tokens
+    (``random``)."""
+    from dfm_hf.bundled_model import bundled_model_path, small_model_path
     from dfm_hf.pipelines import DFMPipeline
 
     total = args.prompt_length + args.gen_length
     if name != "random":
-        pipe = DFMPipeline.from_pretrained(small_model_path() if name == "small" else name).to(args.device)
+        folder = {"small": small_model_path, "default": bundled_model_path}.get(name, lambda: name)()
+        pipe = DFMPipeline.from_pretrained(folder).to(args.device)
         if pipe.model.config.max_position_embeddings < total:
             raise SystemExit(f"{name} holds {pipe.model.config.max_position_embeddings} positions < {total}")
         pipe.set_progress_bar_config(disable=True)
@@ -136,7 +139,9 @@ def _judge(texts: list[str], device: str) -> tuple[float, float]:
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument(
-        "--model", default="both", help="small (the 4M model in the package), random, both, or a pipeline folder"
+        "--model",
+        default="both",
+        help="small (the 4M model in the package), default (the default model), random, both, or a pipeline folder",
     )
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary of the random model")
     parser.add_argument("--batch", type=int, default=8)
