@@ -358,13 +358,14 @@ class DFMAttention(nn.Module):
         output_attentions: bool = False,
         past_key_value: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         cache_index: Optional[torch.Tensor] = None,
+        cache_in_place: bool = False,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """Attention output ``(batch, n, hidden)``, the probabilities (with ``output_attentions``) and the keys and
         values attended over, ``(batch, kv_heads, key_len, head_dim)`` each (after rotary).
 
         With ``past_key_value = (keys, values)`` of length ``L`` and ``cache_index`` ``(batch, n)``, the fresh keys and
-        values of the ``n`` queries replace the cached ones at ``cache_index`` (in a copy) and the queries attend over
-        all ``L`` keys.
+        values of the ``n`` queries replace the cached ones at ``cache_index`` (in a copy, or with ``cache_in_place``
+        in the cached tensors themselves when their dtype matches) and the queries attend over all ``L`` keys.
         """
         batch, seq_len, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
@@ -374,8 +375,12 @@ class DFMAttention(nn.Module):
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         if past_key_value is not None:
             index = cache_index[:, None, :, None].expand(batch, self.num_key_value_heads, seq_len, self.head_dim)
-            key = past_key_value[0].to(key.dtype).scatter(2, index, key)
-            value = past_key_value[1].to(value.dtype).scatter(2, index, value)
+            cached_key, cached_value = past_key_value
+            if cache_in_place and cached_key.dtype == key.dtype and cached_value.dtype == value.dtype:
+                key, value = cached_key.scatter_(2, index, key), cached_value.scatter_(2, index, value)
+            else:
+                key = cached_key.to(key.dtype).scatter(2, index, key)
+                value = cached_value.to(value.dtype).scatter(2, index, value)
         present = (key, value)
         key = repeat_kv(key, self.num_key_value_groups)
         value = repeat_kv(value, self.num_key_value_groups)
@@ -425,6 +430,7 @@ class DFMTransformerLayer(GradientCheckpointingLayer):
         output_attentions: bool = False,
         past_key_value: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         cache_index: Optional[torch.Tensor] = None,
+        cache_in_place: bool = False,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """``(hidden_states, attention probabilities or None, (keys, values))``; see :meth:`DFMAttention.forward`."""
         if self.adaln_modulation is not None:
@@ -438,6 +444,7 @@ class DFMTransformerLayer(GradientCheckpointingLayer):
                 output_attentions,
                 past_key_value,
                 cache_index,
+                cache_in_place,
             )
             hidden_states = hidden_states + gate_a.unsqueeze(1) * self.dropout(attn_out)
             mlp_out = self.mlp(_modulate(self.post_attention_layernorm(hidden_states), shift_m, scale_m))
@@ -450,6 +457,7 @@ class DFMTransformerLayer(GradientCheckpointingLayer):
                 output_attentions,
                 past_key_value,
                 cache_index,
+                cache_in_place,
             )
             hidden_states = hidden_states + self.dropout(attn_out)
             hidden_states = hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
@@ -687,6 +695,7 @@ class DFMModel(DFMPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        cache_in_place: bool = False,
         **kwargs: Any,
     ) -> Union[DFMModelOutput, tuple]:
         """Hidden states ``(batch, len, hidden)`` of ``x_t = input_ids`` at times ``timesteps``.
@@ -748,6 +757,7 @@ class DFMModel(DFMPreTrainedModel):
                 output_attentions=bool(output_attentions),
                 past_key_value=pairs[i] if pairs is not None else None,
                 cache_index=position_ids if pairs is not None else None,
+                cache_in_place=cache_in_place,
             )
             if output_attentions:
                 all_attn.append(weights)
@@ -873,6 +883,7 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
         logits_to_keep: Optional[Union[int, torch.Tensor]] = None,
         return_dict: Optional[bool] = True,
         kappa_rate: Optional[Union[float, torch.Tensor]] = None,
+        cache_in_place: bool = False,
         **kwargs: Any,
     ) -> Union[DFMMaskedGenerationOutput, tuple]:
         """Logits of ``p_{1|t}(. | x_t)`` for ``x_t = input_ids`` at times ``timesteps``.
@@ -889,12 +900,16 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
             position_ids: ``(batch, len)`` absolute positions (rows of the rotary table; default ``0..len-1``); they
                 must lie in ``[0, max_position_embeddings)`` (not checked). Required with ``past_key_values``.
             past_key_values: the cache of an earlier ``use_cache=True`` call over all ``L`` positions of the rows.
-                Then ``input_ids`` is a slice ``(batch, n)`` of the rows at ``position_ids`` (e.g.
-                ``full_ids.gather(1, pos)``): the ``n`` queries compute fresh keys and values, which replace the
-                cached ones at their positions (in a copy: the cache passed in is not modified), and attend over all
-                ``L`` keys. Repeated positions (to pad rows to a common ``n``) are harmless when they carry the same
+                Then ``input_ids`` is a slice ``(batch, n)`` of the rows at ``position_ids`` (e.g. ``full_ids.gather(1,
+                pos)``): the ``n`` queries compute fresh keys and values, which replace the cached ones at their
+                positions (in a copy: the cache passed in is not modified, unless ``cache_in_place``), and attend over
+                all ``L`` keys. Repeated positions (to pad rows to a common ``n``) are harmless when they carry the same
                 token. This is exact when the cache was computed from the same tokens as the current rows, and an
                 approximation (Fast-dLLM's prefix / dual cache) when the non-query positions changed since.
+            cache_in_place: with ``past_key_values``, write the fresh keys and values into the cache passed in (its
+                tensors then hold them at ``position_ids``) instead of a copy of it: one copy of every layer's cache
+                less per call. The attention output is the same; use it when nothing else reads the cache's entries at
+                ``position_ids`` (the pipeline's block cache: the query positions are recomputed at every step).
             use_cache: return ``past_key_values`` (the output's ``cache`` field): a new ``transformers.DynamicCache``
                 with every layer's keys and values (after rotary), ``(batch, num_key_value_heads, L, head_dim)``;
                 after a partial forward it holds the cached entries with the fresh ones written at ``position_ids``.
@@ -928,6 +943,7 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
             output_hidden_states=kwargs.pop("output_hidden_states", None),
             output_attentions=kwargs.pop("output_attentions", None),
             return_dict=True,
+            cache_in_place=cache_in_place,
         )
         hidden_states = outputs.last_hidden_state
         batch, seq_len = input_ids.shape
