@@ -68,17 +68,18 @@ def process_logits(
     return log_probs
 
 
-#: Column group width of :func:`first_argmax` (it reduces groups with ``amax``, then searches one group per row).
+#: Column group width of :func:`max_and_argmax` (it reduces groups with ``amax``, then searches one group per row).
 ARGMAX_GROUP = 128
 
 
-def first_argmax(x: torch.Tensor, maximum: torch.Tensor) -> torch.Tensor:
-    """Index of the first entry of each (K, V) row of ``x`` equal to ``maximum`` (K,) (the row's max): ``argmax``.
+def max_and_argmax(x: torch.Tensor, skip: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(max, first index of the max)`` of each (K, V) row of ``x`` over every column but ``skip``: ``x.max(-1)``.
 
-    ``torch.argmax`` on CPU runs several times slower than ``amax`` over the same rows (it dominated a greedy step at a
-    32k vocabulary), so the columns are cut into groups of :data:`ARGMAX_GROUP`: the group maxima (one ``amax``) give
-    the first group holding the maximum, and only that group is searched. Ties resolve to the first index, as
-    ``argmax`` does.
+    ``torch.max(dim)`` / ``torch.argmax`` on CPU run several times slower than ``amax`` over the same rows (they
+    dominated a greedy step at a 32k vocabulary), so the columns are cut into groups of :data:`ARGMAX_GROUP`: one
+    ``amax`` gives the group maxima (the group holding ``skip`` is reduced again without it), their max is the row's,
+    and only the first group holding it is searched. Ties resolve to the first index, as ``argmax`` does; NaN
+    propagates into the max (not from the ``skip`` column). ``x`` is not copied.
     """
     rows, width = x.shape
     full = (width // ARGMAX_GROUP) * ARGMAX_GROUP
@@ -88,22 +89,18 @@ def first_argmax(x: torch.Tensor, maximum: torch.Tensor) -> torch.Tensor:
     if full < width:
         parts.append(x[:, full:].amax(-1, keepdim=True))
     groups = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
-    group = (groups == maximum.unsqueeze(1)).to(torch.uint8).argmax(-1)
-    start = group * ARGMAX_GROUP
+    if skip is not None:
+        g, lo = skip // ARGMAX_GROUP, (skip // ARGMAX_GROUP) * ARGMAX_GROUP
+        own = x[:, lo : min(lo + ARGMAX_GROUP, width)]
+        columns = torch.arange(lo, lo + own.shape[1], device=x.device)
+        groups[:, g] = own.masked_fill(columns == skip, -math.inf).amax(-1)
+    maximum = groups.amax(-1)
+    start = (groups == maximum.unsqueeze(1)).to(torch.uint8).argmax(-1) * ARGMAX_GROUP
     cols = (start.unsqueeze(1) + torch.arange(ARGMAX_GROUP, device=x.device)).clamp_(max=width - 1)
-    hit = (x.gather(1, cols) == maximum.unsqueeze(1)).to(torch.uint8).argmax(-1)
-    return start + hit
-
-
-def _row_max_without(x: torch.Tensor, column: Optional[int]) -> torch.Tensor:
-    """Max of each row of ``x`` over every column but ``column`` (NaN propagates), without copying ``x``."""
-    if column is None or not 0 <= column < x.shape[1]:
-        return x.amax(-1)
-    parts = [x[:, :column], x[:, column + 1 :]]
-    maxima = [part.amax(-1) for part in parts if part.shape[1]]
-    if not maxima:
-        return torch.full_like(x[:, 0], -math.inf)
-    return maxima[0] if len(maxima) == 1 else torch.maximum(maxima[0], maxima[1])
+    hit = x.gather(1, cols) == maximum.unsqueeze(1)
+    if skip is not None:
+        hit &= cols != skip
+    return maximum, start + hit.to(torch.uint8).argmax(-1)
 
 
 def greedy_with_log_probability(
@@ -113,29 +110,19 @@ def greedy_with_log_probability(
 
     With ``m = max_j x_j`` over the allowed tokens (every one but ``forbidden_token_id``, which gets probability 0),
     ``log p(token) = -log sum_j exp(x_j - m)``. No draw is made, so the rows are read in float32 (float64 rows stay
-    float64) and never copied whole: the max skips the forbidden column, the arg-max comes from
-    :func:`first_argmax`, and the sum runs over row chunks of at most :data:`LSE_CHUNK_BYTES`. The checks of
-    :func:`process_logits` are read off ``m``: NaN or +inf in a row makes it NaN or +inf, a row with no allowed finite
-    logit makes it -inf.
+    float64) and never copied whole: ``m`` and the arg-max come from :func:`max_and_argmax`, and the sum runs over row
+    chunks of at most :data:`LSE_CHUNK_BYTES`. The checks of :func:`process_logits` are read off ``m``: NaN or +inf
+    in a row makes it NaN or +inf, a row with no allowed finite logit makes it -inf.
     """
     x = rows if rows.dtype == torch.float64 else rows.to(torch.float32)
     if x.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=rows.device), x.new_empty(0)
     f = forbidden_token_id if forbidden_token_id is not None and 0 <= forbidden_token_id < x.shape[1] else None
-    m = _row_max_without(x, f)
+    m, tokens = max_and_argmax(x, f)
     if not bool(torch.isfinite(m).all()):
         if bool((m.isnan() | (m == math.inf)).any()):
             raise ValueError("`model_output` contains NaN or +inf logits at positions the step reads.")
         raise ValueError("`model_output` has a row whose only finite logit is the mask token (nothing to draw).")
-    tokens = first_argmax(x, m)
-    if f is not None:
-        # a forbidden logit >= the allowed max hides the max's group from the search (or is found itself): redo
-        # those rows (rare: a trained model gives the mask token a low logit) on a copy without it
-        above = x[:, f] >= m
-        if bool(above.any()):
-            redo = x[above].clone()
-            redo[:, f] = -math.inf
-            tokens[above] = redo.argmax(-1)
     total = torch.empty_like(m)
     step = max(1, LSE_CHUNK_BYTES // max(x.shape[1] * x.element_size(), 1))
     for lo in range(0, x.shape[0], step):
