@@ -104,7 +104,7 @@ def test_dfm_hf_has_no_import_cycle() -> None:
 def test_the_graph_sees_lazy_and_relative_imports() -> None:
     graph = import_graph()
     assert "dfm_hf.evaluation.cli" in graph["dfm_hf.cli"]  # a lazy import inside main()
-    assert "dfm_hf.hub_download" in graph["dfm_hf.pipelines.lora"]  # from ..hub_download import ...
+    assert "dfm_hf.hub.download" in graph["dfm_hf.pipelines.lora"]  # from ..hub.download import ...
     assert "dfm_hf.paths" in graph["dfm_hf.training.collator"]  # from .. import paths: the submodule
     assert "dfm_hf.sandbox" in graph["dfm_hf.metrics.pass_at_k.pass_at_k"]  # an absolute import
 

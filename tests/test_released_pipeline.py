@@ -118,7 +118,7 @@ def test_download_arguments_reach_the_hub_client(tmp_path, hub_repo_id):
     kw = dict(gen_length=6, num_inference_steps=3, output_type="pt")
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     assert torch.equal(loaded("x", generator=g(), **kw).sequences, pipe("x", generator=g(), **kw).sequences)
-    from dfm_hf.hub_download import download_snapshot
+    from dfm_hf.hub.download import download_snapshot
 
     with pytest.raises(TypeError, match="unexpected keyword"):
         download_snapshot(hub_repo_id, ["*.json"], local_dirr=str(target))

@@ -699,7 +699,7 @@ def resolve_folder(
         return folder
     if name.startswith(("/", ".", "~")) or name.count("/") > 1 or not name.strip():
         raise OSError(f"{name!r} is neither a folder nor a Hub repo id.")
-    from ..hub import download_snapshot
+    from ..hub.download import download_snapshot
 
     patterns = [f"{subfolder.strip('/')}/{p}" for p in allow_patterns] if subfolder else list(allow_patterns)
     snapshot = download_snapshot(

@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 import torch
 from safetensors.torch import load_file
 
-from ..hub_download import ADAPTER_CONFIG, ADAPTER_WEIGHTS, download_snapshot, local_adapter_files
+from ..hub.download import ADAPTER_CONFIG, ADAPTER_WEIGHTS, download_snapshot, local_adapter_files
 
 __all__ = [
     "ADAPTER_CONFIG",

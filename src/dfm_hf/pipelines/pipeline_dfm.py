@@ -23,14 +23,15 @@ from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
-from ..hub_download import HUB_OPTIONS
+from ..hub.download import HUB_OPTIONS
 from ..rng import check_generator, uniform_tokens_at
 from ..schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
-from ..schedulers.utils import StepPlan, validate_num_inference_steps
+from ..schedulers.utils import validate_num_inference_steps
 from . import lora as lora_utils
-from .kv_cache import BlockCacheState, keep_in_slice, query_positions, validate_kv_cache
+from .kv_cache import BlockCacheState, validate_kv_cache
 from .lora import DFMLoraLoaderMixin
 from .presets import default_scheduler_presets, load_presets_from_folder, save_presets
+from .runner import ModelRunner
 
 OUTPUT_TYPES = ("text", "pt")
 MAX_ROWS = 65_536  # rows per call: a bound so that no argument can make the pipeline allocate without limit
@@ -95,12 +96,12 @@ class DFMPipeline(DFMLoraLoaderMixin, DiffusionPipeline):
         """Fetch a pipeline repo from the Hub with ``huggingface_hub.snapshot_download`` and return its folder.
 
         diffusers' own ``download`` rejects third-party components; this one fetches only safe files (json,
-        safetensors, tokenizer files, scheduler presets, the card: ``dfm_hf.hub_download.PIPELINE_ALLOW_PATTERNS``).
+        safetensors, tokenizer files, scheduler presets, the card: ``dfm_hf.hub.download.PIPELINE_ALLOW_PATTERNS``).
         Pickled weights are fetched only with ``allow_pickle=True``; a repo with nothing else raises ``ValueError``.
         The download arguments of :data:`DOWNLOAD_KWARGS` are passed on; other failures raise an ``OSError`` naming
-        the repo, revision and file (see ``dfm_hf.hub_download.download_pipeline``).
+        the repo, revision and file (see ``dfm_hf.hub.download.download_pipeline``).
         """
-        from ..hub_download import download_pipeline
+        from ..hub.download import download_pipeline
 
         return download_pipeline(
             pretrained_model_name, allow_pickle=bool(kwargs.pop("allow_pickle", False)), **_download_kwargs(kwargs)
@@ -459,7 +460,9 @@ class DFMPipeline(DFMLoraLoaderMixin, DiffusionPipeline):
         self._num_timesteps = num_inference_steps
         self._guidance_scale = float(guidance_scale)
         drop = condition & attention.bool() if padded else condition  # given tokens: masked when unconditional
-        runner = _ModelRunner(self, attention, drop, skip_idle_steps, use_logits_to_keep)
+        runner = ModelRunner(
+            self.model, self.mask_token_id, attention, drop, skip_idle_steps, use_logits_to_keep, guidance_scale
+        )
         kv_state = BlockCacheState(kv_cache, kv_cache_refresh_steps) if kv_cache else None
         for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
             plan = scheduler.plan_step(sample, t, generator=generator, condition_mask=condition)
@@ -559,101 +562,6 @@ def _warn_use_cache() -> None:
             FutureWarning,
             stacklevel=4,
         )
-
-
-class _ModelRunner:
-    """The model calls of one generation: step and row skipping, ``logits_to_keep``, classifier-free guidance and
-    the optional block key/value cache. ``nfe`` counts the forward passes run."""
-
-    def __init__(
-        self,
-        pipe: DFMPipeline,
-        attention: Optional[torch.Tensor],
-        drop: torch.Tensor,
-        skip_idle_steps: bool,
-        use_logits_to_keep: bool,
-    ) -> None:
-        self.pipe, self.model = pipe, pipe.model
-        self.attention = attention  # (batch, len) 1/0, or None when no row is padded
-        self.drop = drop  # (batch, len) bool: the conditioning tokens the unconditional branch masks
-        self.skip, self.keep = skip_idle_steps, use_logits_to_keep
-        config = pipe.model.config
-        self.time_conditioned = bool(getattr(config, "time_conditioning", False))
-        self.shift = bool(getattr(config, "logits_shift", False))
-        self.vocab_size = config.vocab_size
-        self.mask = pipe.mask_token_id
-        self.nfe = 0
-
-    def _cfg(self) -> bool:
-        return self.pipe.guidance_scale != 1.0
-
-    def _twice(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` for both branches: repeated along the batch under guidance."""
-        return torch.cat([x, x]) if self._cfg() else x
-
-    def _inputs(self, ids: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-        """``ids``, followed by its unconditional copy (conditioning tokens masked) under guidance."""
-        return torch.cat([ids, ids.masked_fill(drop, self.mask)]) if self._cfg() else ids
-
-    def _combine(self, logits: torch.Tensor) -> torch.Tensor:
-        """``uncond + w * (cond - uncond)`` from the two halves of a guided forward."""
-        if not self._cfg():
-            return logits
-        cond, uncond = logits.chunk(2)
-        return uncond + self.pipe.guidance_scale * (cond - uncond)
-
-    def _empty(self, sample: torch.Tensor) -> torch.Tensor:
-        return torch.empty((0, self.vocab_size), dtype=torch.float32, device=sample.device)
-
-    def _forward(self, ids: torch.Tensor, rows: Any, plan: StepPlan, **kwargs: Any) -> Any:
-        attention = None if self.attention is None else self._twice(self.attention[rows])
-        timesteps = self._twice(plan.timesteps[rows]) if self.time_conditioned else None
-        self.nfe += 1
-        return self.model(input_ids=ids, attention_mask=attention, timesteps=timesteps, **kwargs)
-
-    def logits(self, sample: torch.Tensor, plan: StepPlan) -> torch.Tensor:
-        """Logits the step reads: packed rows at ``plan.positions``, or full ones without ``skip_idle_steps``."""
-        if not self.skip:
-            ids = self._inputs(sample, self.drop)
-            return self._combine(self._forward(ids, slice(None), plan).logits)
-        active = [count > 0 for count in plan.counts]
-        if not any(active):
-            return self._empty(sample)
-        rows: Any = slice(None)
-        if not all(active):
-            rows = torch.tensor([b for b, a in enumerate(active) if a], device=sample.device)
-        needs = plan.positions[rows]
-        ids = self._inputs(sample[rows], self.drop[rows])
-        if self.keep:
-            out = self._forward(ids, rows, plan, logits_to_keep=self._twice(needs))
-            return self._combine(out.logits)
-        return self._combine(self._forward(ids, rows, plan).logits)[needs]
-
-    def cached_logits(self, sample: torch.Tensor, plan: StepPlan, state: BlockCacheState) -> torch.Tensor:
-        """Packed logits at ``plan.positions`` from a partial forward of the open window against the cache
-        (refreshed first when a window opened or the cache is ``refresh_steps`` old)."""
-        if not any(plan.counts):
-            return self._empty(sample)
-        rows = slice(None)
-        if state.needs_refresh(plan.window_index):
-            ids = self._inputs(sample, self.drop)
-            nothing = torch.zeros_like(ids, dtype=torch.bool)
-            out = self._forward(ids, rows, plan, use_cache=True, logits_to_keep=nothing)
-            state.refreshed(out.past_key_values, plan.window_index)
-        query = query_positions(plan.window, state.mode, self.shift)
-        keep = keep_in_slice(plan.positions, query)
-        ids = self._inputs(sample.gather(1, query), self.drop.gather(1, query))
-        out = self._forward(
-            ids,
-            rows,
-            plan,
-            position_ids=self._twice(query),
-            past_key_values=state.cache,
-            logits_to_keep=self._twice(keep),
-            cache_in_place=True,  # the query positions are rewritten before they are read, at every step
-        )
-        state.age += 1
-        return self._combine(out.logits)
 
 
 def _pack_rows(sample: torch.Tensor, keep: torch.Tensor, pad: int) -> torch.Tensor:

@@ -39,7 +39,7 @@ import torch
 
 # adapter files as in bundles; load_adapted_pipeline (a run's adapter/ -> its pipeline) is re-exported from here
 from ..default_model import BASE_RECIPE_FILE, EMBEDDING_ROWS_FILE, load_adapted_pipeline  # noqa: F401
-from ..hub_download import ADAPTER_WEIGHTS as ADAPTER_WEIGHTS_FILE
+from ..hub.download import ADAPTER_WEIGHTS as ADAPTER_WEIGHTS_FILE
 from ..models.configuration_dfm import LOSS_TYPES as LOSSES
 from ..paths import COUPLINGS, PREDICTION_TYPES
 from .losses import LOSS_WEIGHTINGS

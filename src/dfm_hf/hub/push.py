@@ -3,7 +3,7 @@
 - Model cards: :func:`render_pipeline_card`, :func:`render_lora_card`, :func:`write_training_card`.
 - Pushing: :func:`push_pipeline_to_hub` (what ``DFMPipeline.push_to_hub`` runs), :func:`push_pipeline_folder`,
   :func:`push_scheduler_preset`, :func:`push_lora_adapter`. Each push is a single commit.
-- Pulling (defined in :mod:`dfm_hf.hub_download`, re-exported here): :func:`download_pipeline` /
+- Pulling (defined in :mod:`dfm_hf.hub.download`, re-exported here): :func:`download_pipeline` /
   :func:`download_snapshot` (what ``DFMPipeline.download`` and ``load_lora_weights`` run): ``snapshot_download`` of
   safe files only, with errors that name the repo and the file.
 - :func:`list_scheduler_presets` of a folder or a Hub repo.
@@ -17,7 +17,8 @@ import tempfile
 from importlib import resources
 from typing import Any, Optional
 
-from .hub_download import (  # noqa: F401 - re-exported: dfm_hf.hub is the public home of the Hub helpers
+from ..pipelines.presets import _PRESET_CLASSES, PRESET_SPECS, PRESETS_DIR
+from .download import (  # noqa: F401 - re-exported: dfm_hf.hub is the public home of the Hub helpers
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     PICKLE_ALLOW_PATTERNS,
@@ -27,7 +28,6 @@ from .hub_download import (  # noqa: F401 - re-exported: dfm_hf.hub is the publi
     download_snapshot,
     local_adapter_files,
 )
-from .pipelines.presets import _PRESET_CLASSES, PRESET_SPECS, PRESETS_DIR
 
 TAGS = ["discrete-flow-matching", "dfm_hf", "text-generation", "code"]
 

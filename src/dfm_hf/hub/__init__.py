@@ -1,0 +1,45 @@
+"""Sharing on the Hugging Face Hub: model cards, pushes, and the download helpers.
+
+Names resolve lazily: ``dfm_hf.hub.download`` is a leaf (it imports nothing from ``dfm_hf``), so the model and
+conversion layers can import it without pulling in the pipeline code that cards and pushes need.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: public name -> submodule of ``dfm_hf.hub`` defining it
+_EXPORTS = {
+    "ADAPTER_CONFIG": "download",
+    "ADAPTER_WEIGHTS": "download",
+    "PICKLE_ALLOW_PATTERNS": "download",
+    "PICKLE_SUFFIXES": "download",
+    "PIPELINE_ALLOW_PATTERNS": "download",
+    "download_pipeline": "download",
+    "download_snapshot": "download",
+    "local_adapter_files": "download",
+    "render_pipeline_card": "push",
+    "render_lora_card": "push",
+    "write_training_card": "push",
+    "list_scheduler_presets": "push",
+    "push_pipeline_folder": "push",
+    "push_pipeline_to_hub": "push",
+    "push_scheduler_preset": "push",
+    "push_lora_adapter": "push",
+    "preset_rows": "push",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dfm_hf.hub' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
