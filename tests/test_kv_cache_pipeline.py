@@ -9,7 +9,7 @@ from helpers import tiny_pipeline, tiny_tokenizer
 from dfm_hf.models import DFMConfig, DFMForMaskedGeneration
 from dfm_hf.pipelines import DFMPipeline
 from dfm_hf.pipelines.kv_cache import BlockCacheState, keep_in_slice, query_positions
-from dfm_hf.pipelines.pipeline_dfm import _ModelRunner
+from dfm_hf.pipelines.runner import ModelRunner
 from dfm_hf.schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
 
 PROMPTS = ["def f(x):", "import os, sys\nclass A:", "x = 1"]
@@ -62,8 +62,7 @@ def test_partial_forward_against_a_fresh_cache_equals_the_full_forward(mode, shi
     sample, condition, attention, _ = pipe.prepare_inputs(PROMPTS, None, 12)
     drop = condition & attention.bool()
     for guidance in (1.0, 2.5):
-        pipe._guidance_scale = guidance
-        runner = _ModelRunner(pipe, attention, drop, True, True)
+        runner = ModelRunner(pipe.model, pipe.mask_token_id, attention, drop, True, True, guidance)
         sched = pipe.scheduler
         sched.set_timesteps(6)
         x = sample.clone()
