@@ -29,6 +29,8 @@ if "huggingface_hub" in sys.modules:
 # One Hub for the whole session. It must be listening now: its port goes into HF_ENDPOINT. Writes need HF_TOKEN.
 _HUB = LoopbackHub(token=HF_TOKEN).start()
 _HF_HOME = tempfile.mkdtemp(prefix="dfm-hf-home-")  # empty cache, token file... for the session
+# Nothing the tests do may write outside a temp folder: the default model's materialised copy goes here too.
+_DFM_CACHE = tempfile.mkdtemp(prefix="dfm-hf-cache-")
 
 # Settings from the developer's shell that would bypass the loopback Hub, the temporary cache or the token.
 for _name in (
@@ -48,6 +50,8 @@ os.environ.update(
     HF_ENDPOINT=_HUB.endpoint,
     HF_TOKEN=HF_TOKEN,
     HF_HOME=_HF_HOME,
+    DFM_HF_CACHE=_DFM_CACHE,
+    XDG_CACHE_HOME=os.path.join(_HF_HOME, "xdg"),
     HF_HUB_DISABLE_XET="1",  # the loopback Hub speaks plain HTTP + LFS, not Xet
     HF_HUB_DISABLE_TELEMETRY="1",
     HF_HUB_DISABLE_PROGRESS_BARS="1",
@@ -60,6 +64,7 @@ for _name in ("NO_PROXY", "no_proxy"):
 def pytest_unconfigure(config: pytest.Config) -> None:
     _HUB.stop()
     shutil.rmtree(_HF_HOME, ignore_errors=True)
+    shutil.rmtree(_DFM_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

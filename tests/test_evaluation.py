@@ -196,12 +196,11 @@ def test_sweep_writes_files_resumes_and_matches_two_processes(saved_models, tmp_
         torch.set_num_threads(threads)
 
     # two real processes (torchrun, gloo on CPU): each generates a shard, the main process gathers and writes
-    torchrun = shutil.which("torchrun")
-    assert torchrun is not None
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]  # the running interpreter's, not whatever is on PATH
     out2 = str(tmp_path / "two")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", EVALUATE_PY, *_sweep_args(dfm_path, gpt_path, out2)],
+        [*torchrun, "--standalone", "--nproc_per_node", "2", EVALUATE_PY, *_sweep_args(dfm_path, gpt_path, out2)],
         env=env,
         capture_output=True,
         text=True,
