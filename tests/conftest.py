@@ -86,6 +86,12 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The fast tier first, then the ``slow`` tests: the full run (the README's command) fails fast on a unit
+    regression; ``pytest -m "not slow"`` runs the fast tier alone. Order within each tier is kept."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+
+
 @pytest.fixture
 def one_thread():
     """Single-threaded torch for in-process runs, restored afterwards: tiny models run fastest on one thread, and on
