@@ -15,6 +15,13 @@ from ..rng import GeneratorLike, draw_rows, per_row, row_counts
 
 SAMPLING_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
+
+def check_sampling_dtype(sampling_dtype: object) -> None:
+    """Raise ``ValueError`` naming ``sampling_dtype`` unless it is one of the names of :data:`SAMPLING_DTYPES`."""
+    if not isinstance(sampling_dtype, str) or sampling_dtype not in SAMPLING_DTYPES:
+        raise ValueError(f"`sampling_dtype` must be one of {list(SAMPLING_DTYPES)}, got {sampling_dtype!r}.")
+
+
 #: Largest (rows, vocab) temporary :func:`sample_rows` builds at once (it samples row chunks of this size).
 CHUNK_BYTES = 32 * 1024 * 1024
 

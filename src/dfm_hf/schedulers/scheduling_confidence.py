@@ -43,7 +43,14 @@ from diffusers.utils import BaseOutput
 
 from .. import paths, rng
 from ..rng import GeneratorLike, check_generator
-from .sampling import SAMPLING_DTYPES, draw_categorical, greedy_with_log_probability, process_logits, rows_of
+from .sampling import (
+    SAMPLING_DTYPES,
+    check_sampling_dtype,
+    draw_categorical,
+    greedy_with_log_probability,
+    process_logits,
+    rows_of,
+)
 from .utils import (
     DFMSchedulerMixin,
     StepPlan,
@@ -103,8 +110,7 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         if confidence not in CONFIDENCES:
             raise ValueError(f"`confidence` must be one of {list(CONFIDENCES)}, got {confidence!r}.")
         validate_sampling_args(temperature, top_k, top_p)
-        if sampling_dtype not in SAMPLING_DTYPES:
-            raise ValueError(f"`sampling_dtype` must be one of {list(SAMPLING_DTYPES)}, got {sampling_dtype!r}.")
+        check_sampling_dtype(sampling_dtype)
         validate_block_length(block_length)
         if confidence_threshold is not None:
             if (

@@ -39,7 +39,7 @@ from diffusers.utils import BaseOutput
 
 from .. import paths, rng
 from ..rng import GeneratorLike, check_generator
-from .sampling import SAMPLING_DTYPES, draw_categorical, process_logits, rows_of, sample_rows
+from .sampling import SAMPLING_DTYPES, check_sampling_dtype, draw_categorical, process_logits, rows_of, sample_rows
 from .utils import (
     DFMSchedulerMixin,
     StepPlan,
@@ -121,8 +121,7 @@ class DiscreteFlowScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
         if not _is_real(corrector_b) or corrector_b < 0:
             raise ValueError(f"`corrector_b` must be a finite number >= 0, got {corrector_b!r}.")
         validate_sampling_args(temperature, top_k, top_p)
-        if sampling_dtype not in SAMPLING_DTYPES:
-            raise ValueError(f"`sampling_dtype` must be one of {list(SAMPLING_DTYPES)}, got {sampling_dtype!r}.")
+        check_sampling_dtype(sampling_dtype)
         if time_spacing not in TIME_SPACINGS:
             raise ValueError(f"`time_spacing` must be one of {list(TIME_SPACINGS)}, got {time_spacing!r}.")
         validate_block_length(block_length)
