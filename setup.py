@@ -34,7 +34,7 @@ setup(
     include_package_data=True,
     package_data={
         "dfm_hf": [
-            "metrics/*/*.py",
+            "evaluation/metrics/*/*.py",
             "model_cards/*.md",
             "bundled/*/*",
             "bundled/*/*/*",
@@ -52,7 +52,7 @@ setup(
         "peft>=0.17,<0.22",
         "huggingface-hub>=1.0,<2.5",
         "evaluate>=0.4.5,<0.5",
-        "safetensors>=0.6,<0.9",
+        "safetensors>=0.8,<0.9",
         "tokenizers>=0.22,<0.24",
         "numpy>=1.26",
         "tqdm>=4.66",

@@ -11,8 +11,8 @@ Lines:
 * tokens/s of each mode vs the exact block path (targets: dual + threshold >= 5x, dual >= 2.5x) and vs
   ``LLaDA2Pipeline`` (INFO); timings alternate in the same process (``benchmarks/common.py``);
 * quality: greedy token agreement with the exact path, and with ``--judge`` the generative
-  perplexity / mean unigram entropy of the generated texts from the SmolLM2 judge (``dfm_hf.judge``, the judge of
-  ``dfm-hf evaluate``);
+  perplexity / mean unigram entropy of the generated texts from the SmolLM2 judge (``dfm_hf.evaluation.judge``, the
+  judge of ``dfm-hf evaluate``);
 * memory: bytes held by the cache (every layer's keys and values) against the peak extra memory of one full forward
   pass of the same batch.
 """
@@ -57,7 +57,7 @@ def _load(name: str, args: Any) -> Any:
     """The small bundled pipeline (``small``), the default model (``default``: the adapted SmolLM2 model when its base
     is installed), a pipeline folder, or a random model of the small model's shape with ``--vocab`` tokens
     (``random``)."""
-    from dfm_hf.bundled_model import bundled_model_path, small_model_path
+    from dfm_hf.bundles.shipped import bundled_model_path, small_model_path
     from dfm_hf.pipelines import DFMPipeline
 
     total = args.prompt_length + args.gen_length
@@ -124,12 +124,12 @@ _JUDGE: dict[str, Any] = {}
 
 def _judge(texts: list[str], device: str) -> tuple[float, float]:
     """(generative perplexity, mean unigram entropy) of ``texts`` from the SmolLM2 judge (loaded once)."""
-    import dfm_hf.metrics
-    from dfm_hf.judge import load_smollm2_judge
+    import dfm_hf.evaluation.metrics
+    from dfm_hf.evaluation.judge import load_smollm2_judge
 
     if not _JUDGE:
         _JUDGE["model"], _JUDGE["tokenizer"] = load_smollm2_judge(device)
-        _JUDGE["metric"] = dfm_hf.metrics.load("generative_perplexity")
+        _JUDGE["metric"] = dfm_hf.evaluation.metrics.load("generative_perplexity")
     out = _JUDGE["metric"].compute(
         predictions=texts, model=_JUDGE["model"], tokenizer=_JUDGE["tokenizer"], device=device
     )

@@ -1,5 +1,5 @@
 """End-to-end pipeline seconds per sample with ``use_logits_to_keep=True`` (LM head only at the positions the step
-reads) vs ``False`` (full logits, then the rows are selected); both with ``use_cache=True``.
+reads) vs ``False`` (full logits, then the rows are selected); both with ``skip_idle_steps=True``.
 
 A randomly initialised ``DFMForMaskedGeneration`` (vocab 32000, hidden 256, 4 layers, 4 heads, intermediate 704),
 a 16-token random prompt given as ``input_ids``, 256 generated tokens, 64 steps of the default
@@ -48,7 +48,7 @@ def main() -> None:
         vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads, intermediate=args.intermediate
     )
     print_header(
-        "pipeline seconds per sample, use_logits_to_keep True vs False (use_cache=True)",
+        "pipeline seconds per sample, use_logits_to_keep True vs False (skip_idle_steps=True)",
         args.device,
         {
             **model_cfg,

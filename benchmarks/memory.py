@@ -6,7 +6,8 @@ initialised model (vocab 32000, hidden 256, 4 layers, 4 heads, intermediate 704,
 resets the kernel's peak-RSS counter and runs the measured call once. ``peak`` is the process's peak RSS during the
 call (``VmHWM``); ``extra`` is that peak minus the RSS just before the call (interpreter, libraries and weights).
 The generation is unconditional, ``num_inference_steps`` (default 8) steps of the default ``DiscreteFlowScheduler``
-with ``use_cache`` and ``use_logits_to_keep``; fewer steps read more logit rows per step, so fewer is the harder case.
+with ``skip_idle_steps`` and ``use_logits_to_keep``; fewer steps read more logit rows per step, so fewer is the harder
+case.
 """
 
 from __future__ import annotations

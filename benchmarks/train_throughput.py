@@ -89,8 +89,7 @@ def make_step(
         if dfm:
             keep = batch["labels"] != IGNORE_INDEX if head_on_scored else None
             out = model(input_ids=batch["input_ids"], timesteps=batch["timesteps"], labels=batch["labels"],
-                        attention_mask=batch["attention_mask"], condition_mask=batch["condition_mask"],
-                        logits_to_keep=keep)  # fmt: skip
+                        attention_mask=batch["attention_mask"], logits_to_keep=keep)  # fmt: skip
         else:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         out.loss.backward()

@@ -8,7 +8,7 @@ the mask token's logit is made the lowest, as our schedulers exclude it too).
 It generates block by block (``block_length`` 32), ``num_inference_steps`` refinement steps per block: we give it
 ``steps / blocks`` per block, so both pipelines take the same number of steps in total. Its other settings are the
 pipeline's and ``BlockRefinementScheduler``'s defaults (greedy, threshold 0.7, editing threshold 0.5); no EOS id, so
-no early stop. Ours, ``use_cache=True`` and ``use_logits_to_keep=True`` (the defaults):
+no early stop. Ours, ``skip_idle_steps=True`` and ``use_logits_to_keep=True`` (the defaults):
 ``confidence-blocks`` (greedy low-confidence unmasking in blocks of ``block_length``, ``steps / blocks`` steps each:
 LLaDA's algorithm, the like-for-like comparison), the DFM ``cubic-euler`` preset (target lines), and ``confidence``
 (global ranking over every masked position, a different algorithm: an INFO line).
@@ -138,7 +138,7 @@ def main() -> None:
     )
     for name, sched in presets.items():
         cfg = {k: v for k, v in sched.config.items() if not k.startswith("_")}
-        print(f"# ours {name}: {type(sched).__name__} {cfg}, num_inference_steps={args.steps}, use_cache=True")
+        print(f"# ours {name}: {type(sched).__name__} {cfg}, num_inference_steps={args.steps}, skip_idle_steps=True")
     sys.stdout.flush()
 
     outs: dict[str, Any] = {}

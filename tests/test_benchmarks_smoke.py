@@ -1,8 +1,10 @@
 """Smoke tests of ``benchmarks/*.py`` and of ``torch.compile`` on the pipeline's model.
 
-Each benchmark script runs once with ``--quick --threads 1`` in its own subprocess (all at once) and must exit 0
-and print well-formed ``what | ours | theirs | ratio | target | verdict`` lines. The PASS/FAIL verdicts are not
-checked: timings on a shared machine are noisy, and the quick sizes are not the targets' sizes.
+Each benchmark script runs once with ``--quick --threads 1`` in its own subprocess (all at once, ``slow``) and must
+exit 0 and print well-formed ``what | ours | theirs | ratio | target | verdict`` lines whose verdict follows from
+their ratio and target. Lines whose quantity is deterministic (a count of model calls, an equality of samples) must
+PASS; timing and memory lines must only carry a ratio and a verdict: timings on a shared machine are noisy, and the
+quick sizes are not the targets' sizes.
 
 ``torch.compile(pipe.model)`` must give the same samples as the eager model. By default the check compiles with the
 ``aot_eager`` backend (Dynamo capture and AOT tracing, a few seconds); the ``inductor`` backend (C++ code generation,
@@ -34,6 +36,13 @@ SCRIPTS = {
     "fast_sampling.py": 20,
 }
 TIMEOUT_S = 600
+#: script -> (start of a result line's ``what``, how many such lines): deterministic quantities, which must PASS
+MUST_PASS = {
+    "caching.py": [("nfe / steps, ", 2), ("fraction of tokens equal to skip_idle_steps=False, ", 2)],
+    "logits_to_keep.py": [("fraction of tokens equal, use_logits_to_keep=True vs False", 1)],
+}
+#: script -> (start of an ``INFO`` line's ``what``, how many such lines): agreements, a fraction in [0, 1]
+AGREEMENTS = {"fast_sampling.py": [("small: greedy token agreement ", 3), ("random: greedy token agreement ", 3)]}
 
 
 def _load_common() -> ModuleType:
@@ -73,6 +82,7 @@ def runs() -> dict[str, subprocess.CompletedProcess]:
     return done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_benchmark_prints_well_formed_lines(runs: dict[str, subprocess.CompletedProcess], script: str) -> None:
     common = _load_common()
@@ -87,6 +97,15 @@ def test_benchmark_prints_well_formed_lines(runs: dict[str, subprocess.Completed
         assert r.verdict in ("PASS", "FAIL", "INFO")
         if r.verdict != "INFO":
             assert r.ratio is not None and r.ratio == r.ratio and r.ratio >= 0  # a number, not NaN
+            op, bound = r.target.split()
+            if abs(r.ratio - float(bound)) > 1e-3 * abs(float(bound)):  # the printed ratio has 4 digits
+                assert r.verdict == common.verdict(r.ratio, op, float(bound)), r
+    for start, count in MUST_PASS.get(script, []):
+        lines = [r for r in results if r.what.startswith(start)]
+        assert len(lines) == count and all(r.verdict == "PASS" for r in lines), f"{script}: {lines}"
+    for start, count in AGREEMENTS.get(script, []):
+        lines = [r for r in results if r.what.startswith(start)]
+        assert len(lines) == count and all(0 <= r.ratio <= 1 for r in lines), f"{script}: {lines}"
 
 
 def test_parse_line_rejects_malformed_lines() -> None:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from huggingface_hub import HfApi
 
+from dfm_hf.conversion import causal_lm_config_to_dfm
 from dfm_hf.models import DFMForMaskedGeneration
-from dfm_hf.models.conversion import causal_lm_config_to_dfm
 from dfm_hf.pipelines.released import causal_lm_pipeline_components
 from dfm_hf.schedulers import DiscreteFlowScheduler
 
@@ -93,9 +93,9 @@ def test_other_architectures_are_refused():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32))
     with pytest.raises(ValueError, match=r"'gpt2'.*accepted: \['llama', 'mistral', 'qwen2'\]"):
         DFMForMaskedGeneration.from_causal_lm(gpt2)
-    scaled = ch.llama_source(rope_scaling={"rope_type": "linear", "factor": 2.0})
-    with pytest.raises(ValueError, match="rope"):
-        DFMForMaskedGeneration.from_causal_lm(scaled)
+    partial = ch.llama_source(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5})
+    with pytest.raises(ValueError, match=r"rope_parameters.partial_rotary_factor.*accepted: 1\.0"):
+        DFMForMaskedGeneration.from_causal_lm(partial)
 
 
 def test_sliding_window_caps_the_length_and_stays_exact():

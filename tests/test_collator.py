@@ -263,14 +263,32 @@ def test_bad_features():
         collator()([])
 
 
-@pytest.mark.parametrize("loss_type", ["ce", "generalized_kl"])
-def test_batches_feed_the_model(loss_type):
+@pytest.mark.parametrize("loss", ["ce", "generalized_kl"])
+def test_batches_feed_the_model_and_the_training_loss(loss):
+    """A collated batch runs through the model (logits at the scored positions only) into the training loss of
+    ``--loss``, which equals the formula written out here and back-propagates."""
+    from dfm_hf.training.losses import batch_loss
+
     torch.manual_seed(0)
     config = DFMConfig.from_preset(
-        "tiny", vocab_size=VOCAB, mask_token_id=MASK, pad_token_id=PAD, time_conditioning=True, loss_type=loss_type
+        "tiny", vocab_size=VOCAB, mask_token_id=MASK, pad_token_id=PAD, time_conditioning=True
     )
     model = DFMForMaskedGeneration(config)
     batch = collator(coupling={"unconditional": 1, "prefix": 1, "infill": 1})(ragged_examples())
-    out = model(**batch)
-    assert torch.isfinite(out.loss) and out.loss.item() > 0
-    out.loss.backward()
+    scored = batch["labels"] != -100
+    inputs = {k: batch[k] for k in ("input_ids", "timesteps", "attention_mask")}
+    logits = model(**inputs, logits_to_keep=scored).logits
+    assert logits.shape == (int(scored.sum()), VOCAB)
+    value = batch_loss(logits, batch, loss)
+    log_p = torch.log_softmax(model(**inputs).logits.double(), dim=-1)[scored]  # every position, then picked
+    x1, x_t = batch["labels"][scored], batch["input_ids"][scored]
+    log_p_x1 = log_p.gather(-1, x1[:, None])[:, 0]
+    if loss == "ce":
+        expected = -log_p_x1.mean()
+    else:  # x_t is the mask token at every scored position: delta = 0
+        rate = batch["kappa_rate"][:, None].expand(scored.shape)[scored].double()
+        expected = (-rate * (log_p.gather(-1, x_t[:, None])[:, 0].exp() + log_p_x1)).mean()
+    assert torch.isfinite(value) and value.item() > 0
+    torch.testing.assert_close(value.double(), expected, rtol=1e-4, atol=1e-5)
+    value.backward()
+    assert model.model.embed_tokens.weight.grad is not None

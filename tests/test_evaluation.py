@@ -11,9 +11,12 @@ import sys
 import pytest
 import torch
 
-from dfm_hf import metrics
 from dfm_hf.data.corpus import split_by_file, stdlib_python_files
 from dfm_hf.evaluation import cli as evaluate_cli
+from dfm_hf.evaluation import metrics
+from dfm_hf.evaluation.generators import ARGenerator, load_generator
+from dfm_hf.evaluation.results import COLUMNS, read_results, results_markdown, write_all
+from dfm_hf.evaluation.scoring import score_cell
 from dfm_hf.evaluation.tasks import (
     build_humaneval,
     build_humaneval_infill,
@@ -153,6 +156,7 @@ def _samples(out: str) -> dict[str, str]:
     return {name: open(os.path.join(folder, name), encoding="utf-8").read() for name in sorted(os.listdir(folder))}
 
 
+@pytest.mark.slow
 def test_sweep_writes_files_resumes_and_matches_two_processes(saved_models, tmp_path):
     dfm_path, gpt_path = saved_models
     out = str(tmp_path / "one")
@@ -215,6 +219,7 @@ def test_sweep_writes_files_resumes_and_matches_two_processes(saved_models, tmp_
     assert _samples(out2) == samples_before
 
 
+@pytest.mark.slow
 def test_sweep_with_causal_lm_baseline(saved_models, tmp_path):
     """A causal LM folder is evaluated left to right (one cell per task, nfe 0 = one call per token)."""
     _, gpt_path = saved_models
@@ -234,11 +239,103 @@ def test_sweep_with_causal_lm_baseline(saved_models, tmp_path):
         evaluate_cli.main(args + ["--presets", "linear-euler"])
 
 
-def test_cli_rejects_bad_input(saved_models, tmp_path):
+def test_one_cell_sweep_and_its_files(saved_models, tmp_path):
+    """The smallest sweep (one task, preset and NFE; no plots) writes its row, samples and table; a second run
+    computes nothing."""
+    dfm_path, _ = saved_models
+    out = str(tmp_path / "cell")
+    args = ["--model", dfm_path, "--tasks", "genppl", "--nfe", "2", "--presets", "linear-euler", "--genppl_samples",
+            "2", "--genppl_length", "8", "--output_dir", out, "--no_plots", "--num_threads", "1"]  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        assert evaluate_cli.main(args) == 0
+        assert evaluate_cli.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (row,) = read_results(os.path.join(out, "results.csv"))
+    assert list(row) == list(COLUMNS)
+    assert (row["task"], row["preset"], row["nfe"], row["num_rows"], row["judge"]) == ("genppl", "linear-euler", "2",
+                                                                                        "2", "none")  # fmt: skip
+    assert row["gen_ppl"] == "" and float(row["entropy"]) > 0 and row["quality_metric"] == "gen_ppl"
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == ["genppl__linear-euler__nfe2.jsonl"]
+    assert not any(name.endswith(".png") for name in os.listdir(out))
+    with open(os.path.join(out, "run_log.jsonl"), encoding="utf-8") as f:
+        log = [json.loads(line) for line in f]
+    assert [len(r["computed"]) for r in log] == [1, 0] and log[1]["skipped"] == [["genppl", "linear-euler", 2]]
+
+
+def test_results_files_round_trip_and_table(tmp_path):
+    rows = [
+        {"task": "stdlib_infill", "preset": "b", "nfe": 8, "exact_match": 0.25, "quality": 0.25, "seed": 0},
+        {"task": "stdlib_infill", "preset": "a", "nfe": 16, "exact_match": 0.5, "quality": 0.5, "seed": 0},
+        {"task": "genppl", "preset": "a", "nfe": 8, "gen_ppl": float("nan"), "entropy": 3.25, "seed": 0},
+    ]
+    write_all(str(tmp_path), rows, plots=False)
+    back = read_results(str(tmp_path / "results.csv"))
+    assert [(r["task"], r["preset"], r["nfe"]) for r in back] == [("genppl", "a", "8"), ("stdlib_infill", "a", "16"),
+                                                                  ("stdlib_infill", "b", "8")]  # fmt: skip
+    assert back[0]["gen_ppl"] == "" and back[0]["entropy"] == "3.25" and back[1]["exact_match"] == "0.5"
+    md = results_markdown(rows)
+    assert md == (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert "## stdlib_infill: exact_match vs NFE\n\n| preset | NFE 8 | NFE 16 |" in md
+    assert "| a |  | 0.500 |" in md and "| b | 0.250 |  |" in md and "| a | nan / 3.25 |" in md
+    assert read_results(str(tmp_path / "missing.csv")) == []
+
+
+def test_score_cell_on_tiny_inputs(tokenizer):
+    from dfm_hf.evaluation.tasks import EvalExample
+
+    examples = [EvalExample(example_id=str(i), kind="infill", input_ids=[], reference=r) for i, r in
+                enumerate(["    return x\n", "    y = 1\n"])]  # fmt: skip
+    scores = score_cell("stdlib_infill", examples, [["return x"], ["  y  =  2"]], pass_k=[1], num_samples=1,
+                        timeout=5.0, judge=None, tokenizer=tokenizer)  # fmt: skip
+    assert scores["exact_match"] == 0.5 and scores["quality"] == 0.5 and scores["quality_metric"] == "exact_match"
+    texts = [["aaaa"], [""], ["abab"]]
+    scores = score_cell("genppl", examples[:1] * 3, texts, pass_k=[1], num_samples=1, timeout=5.0, judge=None,
+                        tokenizer=tokenizer)  # fmt: skip
+    import numpy as np
+
+    def entropy(text):  # of the empirical distribution of the text's token ids
+        _, counts = np.unique(tokenizer(text, add_special_tokens=False)["input_ids"], return_counts=True)
+        p = counts / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
+    assert scores["entropy"] == pytest.approx((entropy("aaaa") + entropy("abab")) / 2)  # the empty text is left out
+    assert np.isnan(scores["gen_ppl"]) and np.isnan(scores["quality"])
+
+
+def test_causal_lm_generator_is_seeded_and_greedy(saved_models):
+    _, gpt_path = saved_models
+    generator = load_generator(gpt_path, "cpu")
+    assert isinstance(generator, ARGenerator) and generator.presets == ["ar-sample", "ar-greedy"]
+    mask = generator.mask_token_id
+    rows = [[5, 6, mask, mask, mask], [mask, mask]]
+    sampled, calls = generator.generate(rows, [1, 2], nfe=0)
+    assert [len(r) for r in sampled] == [3, 2] and calls == 2.5  # one call per generated token
+    assert generator.generate(rows, [1, 2], nfe=0)[0] == sampled  # the seeds fix the draws
+    generator.set_preset("ar-greedy")
+    greedy, _ = generator.generate(rows[:1], [1], nfe=0)
+    assert greedy == generator.generate(rows[:1], [9], nfe=0)[0]  # greedy ignores the seed
+    with pytest.raises(ValueError, match=r"a causal LM takes the presets \['ar-sample', 'ar-greedy'\], got 'x'"):
+        generator.set_preset("x")
+
+
+def test_cli_rejects_bad_input(saved_models, tmp_path, capsys):
     from dfm_hf.cli import main as dfm_main
 
     dfm_path, _ = saved_models
     assert dfm_main(["evaluate", "--model", dfm_path, "--nfe", "0", "--output_dir", str(tmp_path)]) == 2
-    assert dfm_main(["evaluate", "--model", str(tmp_path / "nope"), "--output_dir", str(tmp_path)]) == 2
+    assert "dfm-hf evaluate: error: `--nfe` values must be >= 1, got [0]" in capsys.readouterr().err
+    missing = str(tmp_path / "nope")
+    assert dfm_main(["evaluate", "--model", missing, "--output_dir", str(tmp_path)]) == 2
+    assert f"dfm-hf evaluate: error: `--model` {missing!r} could not be loaded as a DFM pipeline" in (
+        capsys.readouterr().err
+    )
+    # the evaluation layer alone has no default model: --model is required there
+    with pytest.raises(ValueError, match=r"`--model` is required: a DFM pipeline folder or Hub id, or a causal LM"):
+        evaluate_cli.main(["--output_dir", str(tmp_path)])
+
+
+def test_example_script_help():
     proc = subprocess.run([sys.executable, EVALUATE_PY, "--help"], capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0 and "--presets" in proc.stdout
+    assert proc.returncode == 0 and "--presets" in proc.stdout and "usage: dfm-hf evaluate" in proc.stdout

@@ -1,7 +1,8 @@
 """lm-evaluation-harness adapter (`DFMLM`), its shipped offline tasks and `dfm-hf lm-eval`.
 
-A tiny model is trained here (seconds) on "key = value" pairs, so that a task can be built that it must know; the
-ELBO estimators are checked against an exhaustive computation of the exact ELBO (every masked subset enumerated).
+A tiny model is trained here (seconds) on "key = value" pairs until it knows every pair with a margin, so that a
+task can be built that it must know; the ELBO estimators are checked against an exhaustive computation of the exact
+ELBO (every masked subset enumerated). Tests that use that model or run lm-eval end to end are `slow`.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ except ImportError as err:  # never a silent skip: the extra is part of the test
     raise ImportError("tests/test_harness.py needs lm-eval: pip install -e '.[dev]' (extra `eval`)") from err
 
 from dfm_hf.cli import main as dfm_main  # noqa: E402
+from dfm_hf.evaluation.elbo import time_of_ratio, windows  # noqa: E402
 from dfm_hf.evaluation.harness import DFMLM, TASKS_PATH, task_manager  # noqa: E402
+from dfm_hf.evaluation.harness_args import coerce, generation_settings  # noqa: E402
+from dfm_hf.evaluation.harness_cli import cli_main  # noqa: E402
 from dfm_hf.evaluation.lm_eval_tasks.utils import build_next_line_examples, process_humaneval  # noqa: E402
-from dfm_hf.evaluation.tasks import HUMANEVAL_STOP_SEQUENCES, load_humaneval  # noqa: E402
+from dfm_hf.evaluation.tasks import HUMANEVAL_STOP_SEQUENCES, load_humaneval, row_seed  # noqa: E402
 from dfm_hf.models import DFMConfig, DFMForMaskedGeneration  # noqa: E402
 from dfm_hf.pipelines import DFMPipeline  # noqa: E402
 from dfm_hf.schedulers import DiscreteFlowScheduler  # noqa: E402
@@ -39,6 +43,9 @@ except ImportError:
 
 KEYS = ["alpha", "beta", "gamma", "delta", "kappa", "sigma", "omega", "theta"]
 VALUES = ["tuple", "list", "dict", "set", "bytes", "float", "int", "str"]
+#: The trained model must prefer every value token by this many nats (log-probability over the runner-up).
+MARGIN = 1.0
+MAX_STEPS = 3000
 
 
 class Request:
@@ -48,8 +55,26 @@ class Request:
         self.args = args
 
 
+@torch.no_grad()
+def pair_margin(model, tok) -> float:
+    """Smallest margin (nats), over every key and every token of its value, by which the model's log-probability of
+    the right token beats the best other token, with the whole value masked after ``key =`` (DFMLM's greedy check)."""
+    worst = math.inf
+    for k, v in zip(KEYS, VALUES):
+        ctx = tok(f"{k} =", add_special_tokens=False)["input_ids"]
+        cont = torch.tensor(tok(f" {v}", add_special_tokens=False)["input_ids"])
+        x = torch.tensor([ctx + [tok.mask_token_id] * len(cont)])
+        log_probs = torch.log_softmax(model(input_ids=x).logits[0, len(ctx) :].double(), -1)
+        right = log_probs.gather(1, cont[:, None]).squeeze(1)
+        log_probs[torch.arange(len(cont)), cont] = -math.inf
+        worst = min(worst, float((right - log_probs.max(-1).values).min()))
+    return worst
+
+
 def _train_key_value_pipeline() -> DFMPipeline:
-    """A tiny DFM trained (400 steps) on rows of three ``key = value`` pairs separated by EOS."""
+    """A tiny DFM trained on rows of three ``key = value`` pairs separated by EOS until it knows every pair: its
+    :func:`pair_margin` is at least ``MARGIN`` (checked every 50 steps from step 200; where floating point takes the
+    training on this CPU does not matter)."""
     tok = tiny_tokenizer()
     torch.manual_seed(0)
     config = DFMConfig.from_preset("tiny", tokenizer=tok, max_position_embeddings=48)
@@ -71,15 +96,22 @@ def _train_key_value_pipeline() -> DFMPipeline:
         generator=torch.Generator().manual_seed(0),
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(400):
+    margin = -math.inf
+    for step in range(1, MAX_STEPS + 1):
+        model.train()
         batch = collator([row() for _ in range(32)])
-        batch.pop("kappa_rate")
-        loss = model(**batch).loss
+        keys = ("input_ids", "timesteps", "attention_mask", "labels")
+        loss = model(**{k: batch[k] for k in keys}).loss  # the cross-entropy on the scored positions
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if step >= 200 and step % 50 == 0:
+            model.eval()
+            margin = pair_margin(model, tok)
+            if margin >= MARGIN:
+                break
     model.eval()
+    assert margin >= MARGIN, f"the key-value model did not learn the pairs in {MAX_STEPS} steps (margin {margin})"
     pipe = DFMPipeline(model=model, scheduler=scheduler, tokenizer=tok)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -123,6 +155,7 @@ def exact_nelbo(model, context, continuation, mask_id):
 
 
 # ---------------------------------------------------------------------------------------------- the ELBO
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["count", "ratio"])
 def test_elbo_estimators_are_unbiased_for_the_exact_elbo(trained, estimator):
     """Both estimators' means land within a few standard errors of the enumerated ELBO (2 to 6 tokens; known and
@@ -146,6 +179,7 @@ def test_elbo_estimators_are_unbiased_for_the_exact_elbo(trained, estimator):
             assert abs(float(draws.var()) - variance) < 0.25 * variance + 1e-9
 
 
+@pytest.mark.slow
 def test_standard_error_shrinks_like_one_over_sqrt_mc_num(trained):
     """Over 400 seeds, the estimate's spread at mc_num=16 is twice that at 64, and matches sigma / sqrt(mc_num).
 
@@ -164,6 +198,7 @@ def test_standard_error_shrinks_like_one_over_sqrt_mc_num(trained):
     assert 1.55 < spread[16] / spread[64] < 2.55
 
 
+@pytest.mark.slow
 def test_loglikelihood_does_not_depend_on_batching_or_other_requests(trained):
     reqs = [Request("beta =", " dict"), Request("alpha =", " tuple"), Request("", " set")]
     small = DFMLM(pretrained=trained, mc_num=32, batch_size=7, seed=3).loglikelihood(reqs, disable_tqdm=True)
@@ -177,6 +212,7 @@ def test_loglikelihood_does_not_depend_on_batching_or_other_requests(trained):
     assert other[0][0] != large[0][0]  # another seed, other draws
 
 
+@pytest.mark.slow
 def test_loglikelihood_rolling_sums_window_elbos(trained):
     """A 12-token text with max_length=8 is cut into windows that score every token once; the estimate matches
     the sum of the windows' exact ELBOs."""
@@ -207,7 +243,7 @@ def test_time_conditioned_models_use_the_ratio_estimator():
     lm = DFMLM(pretrained=pipe, mc_num=8)
     assert lm.estimator == "ratio"
     ratio = torch.tensor([0.05, 0.5, 1.0], dtype=torch.float64)
-    t = lm._time_of_ratio(ratio)
+    t = time_of_ratio(ratio, lm._kappa)
     assert torch.allclose(lm._kappa.kappa(t), 1 - ratio, atol=1e-9)
     ((ll, _),) = lm.loglikelihood([Request("def f(x):", " return x")], disable_tqdm=True)
     assert math.isfinite(ll) and ll < 0
@@ -215,22 +251,79 @@ def test_time_conditioned_models_use_the_ratio_estimator():
         DFMLM(pretrained=pipe, estimator="count")
 
 
+def test_windows_score_every_token_once_within_max_length():
+    ids = list(range(30))
+    cut = windows(ids, 3, 8)
+    assert [tok for w, start in cut for tok in w[start:]] == ids[3:]
+    assert all(len(w) <= 8 for w, _ in cut) and cut[0] == (ids[:8], 3)
+    # each later window is full and conditioned on at least the half window (4 tokens) before what it scores
+    assert all(len(w) == 8 and start == 4 for w, start in cut[1:-1]) and cut[-1] == (ids[22:], 6)
+    assert windows(ids[:5], 2, 8) == [(ids[:5], 2)]  # a text that fits: one window with all of its context
+
+
+def test_draw_masks_follow_their_estimator():
+    from dfm_hf.evaluation.elbo import draw_masks
+
+    masked, weight, ratio = draw_masks(6, 500, "count", torch.Generator().manual_seed(0))
+    counts = masked.sum(1)
+    assert bool((counts >= 1).all()) and bool((counts <= 6).all())
+    assert torch.equal(weight, 6 / counts.double()) and torch.equal(ratio, counts.double() / 6)
+    assert set(counts.tolist()) == set(range(1, 7))  # l ~ U{1..n}
+    masked, weight, ratio = draw_masks(6, 500, "ratio", torch.Generator().manual_seed(0))
+    assert bool((ratio > 0).all()) and bool((ratio <= 1).all()) and torch.equal(weight, 1 / ratio)
+    assert abs(float(masked.double().mean()) - float(ratio.mean())) < 0.05  # each token masked with probability t
+    with pytest.raises(ValueError, match=r"`estimator` must be one of \['count', 'ratio'\], got 'exact'"):
+        draw_masks(6, 4, "exact", torch.Generator())
+
+
 # ---------------------------------------------------------------------------------------------- generation
+def _uncut(lm, context: str, index: int, gen_length: int) -> list[int]:
+    """The ids the pipeline generates for request ``index`` alone (its own generator, as generate_until seeds it)."""
+    assert lm.tokenizer.bos_token_id is None  # the context is the text's ids alone
+    out = lm.pipe(
+        input_ids=[lm.tok_encode(context)],
+        gen_length=gen_length,
+        num_inference_steps=lm.num_inference_steps,
+        generator=[torch.Generator().manual_seed(row_seed(lm.seed, "generate_until", index, 0))],
+        output_type="pt",
+        return_full_text=False,
+    )
+    return out.sequences[0, :gen_length].tolist()
+
+
+@pytest.mark.slow
 def test_generate_until_cuts_at_stop_sequences_and_eos(trained):
-    lm = DFMLM(pretrained=trained, scheduler_preset="confidence", num_inference_steps=10, gen_length=10)
-    reqs = [Request(f"{k} =", {"until": ["\n"], "max_gen_toks": 10}) for k in KEYS]
-    # the model writes "value<eos>key = ...": the text stops at EOS
-    assert lm.generate_until(reqs, disable_tqdm=True) == [f" {v}" for v in VALUES]
-    cut = lm.generate_until([Request(f"{k} =", {"until": ["l", "ct"], "max_gen_toks": 10}) for k in KEYS], True)
-    assert cut == [f" {v}".split("l")[0].split("ct")[0] for v in VALUES]
-    assert cut[0] == " tup" and cut[2] == " di"
-    # the same requests in batches of 3: request i draws from its own generator
-    batched = DFMLM(pretrained=trained, scheduler_preset="confidence", num_inference_steps=10, gen_length=10)
-    batched.batch_size = 3
-    assert batched.generate_until(reqs, disable_tqdm=True) == [f" {v}" for v in VALUES]
-    # max_gen_toks caps gen_length: two tokens cannot hold " tuple"
+    """Each text is what the pipeline generated for that request, cut exactly at its first EOS and at the first of
+    the task's stop strings, whatever the model writes; batching does not change it; max_gen_toks caps the canvas."""
+    tok = trained.tokenizer
+    settings = dict(pretrained=trained, scheduler_preset="confidence", num_inference_steps=10, gen_length=10)
+    lm = DFMLM(batch_size=1, **settings)
+    contexts = [f"{k} =" for k in KEYS]
+    raw = [_uncut(lm, c, i, 10) for i, c in enumerate(contexts)]
+    # cut at the first EOS (the trained model writes "value<eos>key = ..."): the text before it
+    eos = tok.eos_token_id
+    assert any(eos in r[:-1] for r in raw), [tok.decode(r) for r in raw]
+    expected = [tok.decode(r[: r.index(eos)] if eos in r else r, skip_special_tokens=True) for r in raw]
+    assert any(expected), expected
+    uncut = lm.generate_until([Request(c, {"until": [], "max_gen_toks": 10}) for c in contexts], disable_tqdm=True)
+    assert uncut == expected
+    # the same requests in one batch, and in batches of 3: request i draws from its own generator
+    assert DFMLM(**settings).generate_until([Request(c, {"until": []}) for c in contexts], True) == uncut
+    assert DFMLM(batch_size=3, **settings).generate_until([Request(c, {"until": []}) for c in contexts], True) == uncut
+    # the first of several stop strings, wherever they fall
+    cut = lm.generate_until([Request(c, {"until": ["l", "ct", "\n"], "max_gen_toks": 10}) for c in contexts], True)
+    assert cut == [u.split("l")[0].split("ct")[0].split("\n")[0] for u in uncut]
+    # a stop string taken from the second half of each text: every text is cut, at its first occurrence
+    stops = [u[len(u) // 2 :] or "never written" for u in uncut]
+    reqs = [Request(c, {"until": [stop, "never written"], "max_gen_toks": 10}) for c, stop in zip(contexts, stops)]
+    cut = lm.generate_until(reqs, disable_tqdm=True)
+    assert cut == [u[: u.index(stop)] if u else "" for u, stop in zip(uncut, stops)]
+    assert all(len(c) < len(u) for c, u in zip(cut, uncut) if u)
+    # max_gen_toks caps gen_length: a canvas of two tokens
     (short,) = lm.generate_until([Request("alpha =", {"until": [], "max_gen_toks": 2})], disable_tqdm=True)
-    assert len(trained.tokenizer(short, add_special_tokens=False)["input_ids"]) <= 2 and " tuple".startswith(short)
+    two = _uncut(lm, "alpha =", 0, 2)
+    assert short == tok.decode(two[: two.index(eos)] if eos in two else two, skip_special_tokens=True)
+    assert len(tok(short, add_special_tokens=False)["input_ids"]) <= 2
 
 
 def test_sampled_generation_is_seeded_per_request():
@@ -308,7 +401,54 @@ def test_string_model_args_are_coerced_and_presets_do_not_touch_the_callers_pipe
     assert type(pipe.scheduler).__name__ == "DiscreteFlowScheduler"  # the caller's pipeline keeps its scheduler
 
 
+def test_coerce_converts_command_line_strings():
+    from typing import Optional
+
+    assert coerce("mc_num", " 8 ", int) == 8 and coerce("mc_num", 8.0, int) == 8
+    assert coerce("temperature", "0.5", Optional[float]) == 0.5
+    assert coerce("block_length", "None", Optional[int]) is None
+    assert coerce("flag", "yes", bool) is True and coerce("flag", "0", bool) is False
+    for value, hint, message in [
+        ("2.5", int, "`x` must be an integer, got '2.5'"),
+        (2.5, int, "`x` must be an integer, got 2.5"),
+        (True, int, "`x` must be an integer, got True"),
+        ("nan", float, "`x` must be a finite number, got 'nan'"),
+        ("maybe", bool, "`x` must be true or false, got 'maybe'"),
+        ("abc", Optional[int], "`x` must be None or an integer, got 'abc'"),
+        (None, int, "`x` must not be None"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            coerce("x", value, hint)
+        assert str(err.value).startswith(message), str(err.value)
+
+
+def test_generation_settings_read_the_task_gen_kwargs():
+    warned = []
+
+    def settings(gen_kwargs, **kwargs):
+        kwargs = {"gen_length": 10, "max_length": 48, "temperature": None, "guidance_scale": 1.0, **kwargs}
+        return generation_settings(gen_kwargs, warn=lambda key, message: warned.append(message), **kwargs)
+
+    out = settings({"until": "\n\n", "max_gen_toks": "4", "do_sample": False, "top_k": "5", "seed": 1})
+    assert out == {"until": ["\n\n"], "gen_length": 4, "call": {"temperature": 0.0, "top_k": 5}}
+    assert len(warned) == 1 and "generate_until ignores gen_kwargs ['seed']" in warned[0]
+    # the model's own temperature wins over the task's; guidance is passed when it is not 1
+    out = settings({"until": ["", "x"], "temperature": 0.7}, temperature=0.2, guidance_scale=2.0)
+    assert out == {"until": ["x"], "gen_length": 10, "call": {"temperature": 0.2, "guidance_scale": 2.0}}
+    assert settings({"temperature": "0.7", "max_new_tokens": 20})["call"] == {"temperature": 0.7}
+    for gen_kwargs, kwargs, message in [
+        ([], {}, "generate_until gen_kwargs must be a dict, got list"),
+        ({"until": [1]}, {}, "gen_kwargs `until` must be a string or a list of strings, got [1]"),
+        ({"max_gen_toks": 0}, {}, "gen_kwargs `max_gen_toks` must be >= 1, got 0"),
+        ({}, {"max_length": 10}, "`gen_length` (10) leaves no room for a prompt in max_length=10 positions"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            settings(gen_kwargs, **kwargs)
+        assert str(err.value).startswith(message), str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------- tasks
+@pytest.mark.slow
 def test_simple_evaluate_on_the_shipped_tasks(tasks):
     """lm-eval's own entry point runs DFMLM on both shipped tasks (generation + sandboxed scoring, ELBO)."""
     assert {"humaneval_local", "stdlib_next_line"} <= set(tasks.all_subtasks) and "dfm_hf_offline" in tasks.all_tags
@@ -325,6 +465,7 @@ def test_simple_evaluate_on_the_shipped_tasks(tasks):
     assert out["config"]["dfm_hf"]["mc_num"] == 2
 
 
+@pytest.mark.slow
 def test_loglikelihood_ranks_what_the_trained_model_knows_first(trained, tmp_path):
     """A local-file multiple-choice task (dataset_path: json) over the trained pairs: accuracy 1."""
     data = tmp_path / "pairs.jsonl"
@@ -386,6 +527,7 @@ def test_next_line_task_is_deterministic_and_well_formed():
 
 
 # ---------------------------------------------------------------------------------------------- command line
+@pytest.mark.slow
 def test_dfm_hf_lm_eval_cli_end_to_end(trained, tmp_path):
     folder = tmp_path / "pipe"
     trained.save_pretrained(str(folder))
@@ -410,10 +552,25 @@ def test_dfm_hf_lm_eval_cli_end_to_end(trained, tmp_path):
     assert 0.0 <= results["results"]["stdlib_next_line"]["acc,none"] <= 1.0
     assert results["config"]["dfm_hf"]["estimator"] == "ratio"
     assert results["config"]["batch_size"] in (32, "32")  # dfm-hf lm-eval's default rows per forward
+
+
+def test_lm_eval_cli_rejects_the_options_it_sets(tmp_path, capsys):
     assert dfm_main(["lm-eval", "--model", "hf", "--tasks", "x"]) == 2
+    assert (
+        "dfm-hf lm-eval: error: `--model` is set by dfm-hf lm-eval (dfm_hf); pass the pipeline as --model_args "
+        "pretrained=..." in capsys.readouterr().err
+    )
     assert dfm_main(["lm-eval", "--include_path", str(tmp_path), "--tasks", "x"]) == 2
+    assert (
+        f"dfm-hf lm-eval: error: `--include_path` is set by dfm-hf lm-eval to the shipped tasks ({TASKS_PATH})"
+        in capsys.readouterr().err
+    )
+    # without a default model (the evaluation layer alone), `pretrained` is required and named
+    with pytest.raises(ValueError, match=r"`--model_args pretrained=PATH_OR_HUB_ID` is required"):
+        cli_main(["--tasks", "stdlib_next_line"])
 
 
+@pytest.mark.slow
 def test_importing_dfm_hf_does_not_import_lm_eval():
     code = "import sys, dfm_hf, dfm_hf.evaluation, dfm_hf.cli; assert 'lm_eval' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -18,8 +18,6 @@ from huggingface_hub import HfApi, ModelCard
 
 from dfm_hf import DFMConfig, DFMForMaskedGeneration, DFMPipeline, DiscreteFlowScheduler
 from dfm_hf.hub import (
-    _rerender,
-    _with_preset,
     list_scheduler_presets,
     push_lora_adapter,
     push_pipeline_folder,
@@ -28,7 +26,8 @@ from dfm_hf.hub import (
     render_pipeline_card,
     write_training_card,
 )
-from dfm_hf.pipelines.presets import PRESET_SPECS
+from dfm_hf.hub.cards import card_with_preset, rerender_card
+from dfm_hf.schedulers.presets import PRESET_SPECS
 
 try:
     from .helpers import save_lora_adapter, tiny_pipeline, tiny_tokenizer
@@ -93,16 +92,16 @@ def test_cards_render_again_from_their_stored_values():
         render_pipeline_card("runs/dfm", TRAINING, {**METRICS, "samples": [sample]}, preset_names=["cubic-euler"])
     )
     assert 'DFMPipeline.from_pretrained("runs/dfm")' in card and "| `cubic-euler` |" in card
-    moved = _rerender(card, repo_id="org/dfm")
+    moved = rerender_card(card, repo_id="org/dfm")
     assert 'DFMPipeline.from_pretrained("org/dfm")' in moved and '"runs/dfm"' not in moved.split("<!--")[0]
     assert sample in moved and '"max_train_steps": 1234' in moved and ModelCard(moved).data.eval_results
-    with_preset = _with_preset(moved, "fast", "Fast.")
+    with_preset = card_with_preset(moved, "fast", "Fast.")
     assert "| `cubic-euler` |" in with_preset and "| `fast` | Fast. |" in with_preset
-    assert _with_preset(with_preset, "fast", "Faster.").count("| `fast` |") == 1  # replaced, not added twice
+    assert card_with_preset(with_preset, "fast", "Faster.").count("| `fast` |") == 1  # replaced, not added twice
     edited = card.replace("## Limitations\n", "## Limitations\n\nMy own note.\n")
-    assert _rerender(edited, repo_id="org/dfm") is None  # a card edited by hand is never rewritten
-    assert _with_preset(edited, "fast", "Fast.") is None
-    assert _rerender("# my card\n", repo_id="org/dfm") is None
+    assert rerender_card(edited, repo_id="org/dfm") is None  # a card edited by hand is never rewritten
+    assert card_with_preset(edited, "fast", "Fast.") is None
+    assert rerender_card("# my card\n", repo_id="org/dfm") is None
 
 
 def test_pipeline_round_trip_with_card(pipe, hub_repo_id, tmp_path):
@@ -247,6 +246,7 @@ def test_revisions_pull_exactly_what_was_pushed(pipe, hub_repo_id, tmp_path):
         DFMPipeline.from_pretrained(hub_repo_id, revision="v3", cache_dir=cache)
 
 
+@pytest.mark.slow  # a fresh interpreter imports the whole stack
 def test_offline_from_a_warm_cache(pipe, hub_repo_id, tmp_path):
     pipe.push_to_hub(hub_repo_id)
     cache = tmp_path / "cache"

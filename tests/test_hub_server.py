@@ -404,6 +404,7 @@ def test_offline_mode_uses_the_warm_cache(api: HfApi, repo: str, hub_server: "Lo
     assert hub_server.requests[start:] == []  # not a single request reached the Hub
 
 
+@pytest.mark.slow  # the first BertModel import and push: ~9 s on 2 cores
 def test_transformers_bert_round_trip(api: HfApi, hub_repo_id: str, tmp_path: Path) -> None:
     import torch  # core dependencies of dfm_hf: never skipped
     import transformers

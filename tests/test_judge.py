@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from dfm_hf.judge import completion_perplexity, load_gemma3_judge
-from dfm_hf.metrics.generative_perplexity.generative_perplexity import unigram_entropy
+from dfm_hf.evaluation.judge import completion_perplexity, load_gemma3_judge
+from dfm_hf.evaluation.metrics.generative_perplexity.generative_perplexity import unigram_entropy
 
 try:
     from .helpers import tiny_tokenizer

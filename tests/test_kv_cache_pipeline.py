@@ -78,7 +78,7 @@ def test_partial_forward_against_a_fresh_cache_equals_the_full_forward(mode, shi
 
 @pytest.mark.parametrize("kind", ["confidence", "flow"])
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
-def test_refresh_every_step_gives_the_exact_tokens_and_stale_caches_refresh_per_block(kind, mode):
+def test_refresh_every_step_gives_the_exact_tokens_and_a_stale_cache_one_refresh_per_block(kind, mode):
     pipe = _pipe()
     pipe.scheduler = _blocks(pipe, kind)
     kw = dict(gen_length=12, num_inference_steps=12, output_type="pt")
@@ -95,6 +95,35 @@ def test_refresh_every_step_gives_the_exact_tokens_and_stale_caches_refresh_per_
     assert torch.equal(solo.sequences[0], stale.sequences[1, : solo.sequences.shape[1]])
 
 
+@pytest.mark.parametrize("kind", ["confidence", "flow"])
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_a_stale_cache_refreshes_exactly_when_a_block_opens_and_its_logits_drift(kind, mode):
+    """Along one exact trajectory: the cache is recomputed at the first step of each block and only then; logits
+    read against it equal the exact ones at that step, and differ from them at a later step of the block (the cached
+    keys/values predate the tokens committed since)."""
+    pipe = _pipe()
+    sched = _blocks(pipe, kind)
+    sample, condition, attention, _ = pipe.prepare_inputs(PROMPTS, None, 12)
+    runner = ModelRunner(pipe.model, pipe.mask_token_id, attention, condition & attention.bool(), True, True)
+    sched.set_timesteps(12)
+    state, x, g = BlockCacheState(mode, None), sample.clone(), gens()
+    previous, opened, refreshed, drift = None, [], [], []
+    for t in sched.timesteps:
+        plan = sched.plan_step(x, t, generator=g, condition_mask=condition)
+        exact = runner.logits(x, plan)
+        before = state.refreshes
+        cached = runner.cached_logits(x, plan, state)
+        if any(plan.counts):
+            opened.append(previous is None or not torch.equal(plan.window_index, previous))
+            refreshed.append(state.refreshes > before)
+            drift.append(float((cached - exact).abs().max()))
+            previous = plan.window_index
+        x = sched.step(exact, t, x, generator=g, condition_mask=condition, plan=plan).prev_sample
+    assert refreshed == opened and state.refreshes == 3  # 3 blocks of 4: one refresh each, when it opens
+    assert max(d for d, o in zip(drift, opened) if o) < 1e-5  # a cache of the current tokens: exact
+    assert max(d for d, o in zip(drift, opened) if not o) > 1e-3  # a stale cache: the approximation shows
+
+
 def test_shifted_model_with_guidance_and_padding():
     pipe = _pipe(shift=True)
     pipe.scheduler = _blocks(pipe, "confidence")
@@ -104,6 +133,28 @@ def test_shifted_model_with_guidance_and_padding():
         assert torch.equal(pipe(PROMPTS, kv_cache=mode, kv_cache_refresh_steps=1, **kw).sequences, exact.sequences)
 
 
+def test_a_callback_cannot_change_the_settings_of_the_call_under_way():
+    """Guidance scale and scheduler are frozen for the call: a callback that changes them between steps leaves the
+    guided batch layout under the cache, the sampler and so the tokens as they were."""
+    pipe = _pipe()
+    pipe.scheduler = _blocks(pipe, "confidence")
+    kw = dict(gen_length=12, num_inference_steps=12, output_type="pt", guidance_scale=2.0, kv_cache="dual")
+    plain = pipe(PROMPTS, generator=gens(), **kw)
+    assert pipe.guidance_scale == 2.0
+    flow = _blocks(pipe, "flow")
+
+    def meddle(p, i, t, callback_kwargs):
+        p._guidance_scale = 1.0 if i % 2 else 5.0  # 1.0 would halve the batch of the guided forward
+        p.scheduler = flow
+        return {}
+
+    meddled = pipe(PROMPTS, generator=gens(), callback_on_step_end=meddle, **kw)
+    assert torch.equal(meddled.sequences, plain.sequences) and meddled.nfe == plain.nfe
+    assert pipe.scheduler is flow  # the change holds from the next call on, which then samples otherwise:
+    assert not torch.equal(pipe(PROMPTS, generator=gens(), **kw).sequences, plain.sequences)
+
+
+@pytest.mark.slow  # torch.compile: ~35 s on 2 cores
 def test_cache_with_a_compiled_model():
     pipe = _pipe()
     pipe.scheduler = _blocks(pipe, "confidence")

@@ -15,6 +15,7 @@ import torch
 from helpers import save_lora_adapter, tiny_pipeline
 from safetensors.torch import load_file, save_file
 
+from dfm_hf.pipelines import lora
 from dfm_hf.pipelines.lora import DFMLoraLoaderMixin as Lora
 
 IDS = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(0))
@@ -158,3 +159,25 @@ def test_unload_restores_the_base_model_exactly(pipe, tmp_path):
     assert not state(pipe.model)["requires_grad"]["model.embed_tokens.weight"]  # peft froze the base weights
     Lora.unload_lora_weights(pipe)
     assert_same_state(before, state(pipe.model))
+
+
+def test_the_pipeline_keeps_the_base_flags_and_the_model_only_peft_state(pipe, tmp_path):
+    model = pipe.model
+    with torch.no_grad():
+        model.model.norm.weight.requires_grad_(False)  # a flag of the user's own, given back exactly
+    before, attributes = state(model), set(vars(model))
+    Lora.load_lora_weights(pipe, save_lora_adapter(pipe, tmp_path / "a"), adapter_name="a")
+    Lora.load_lora_weights(pipe, save_lora_adapter(pipe, tmp_path / "b", 1), adapter_name="b")
+    assert set(vars(model)) - attributes == {"peft_config"}  # peft's own record, nothing of ours
+    Lora.delete_adapters(pipe, ["a", "b"])
+    assert set(vars(model)) == attributes
+    assert_same_state(before, state(model))  # requires_grad flags included, the user's frozen norm too
+
+    # flags kept for one model are never applied to another one put in its place
+    Lora.load_lora_weights(pipe, save_lora_adapter(pipe, tmp_path / "c"), adapter_name="c")
+    other = tiny_pipeline(seed=1).model
+    lora.load_lora_weights(other, str(tmp_path / "c"), adapter_name="c")  # peft freezes its base weights
+    pipe.model = other
+    Lora.unload_lora_weights(pipe)
+    assert not lora.adapter_names(other)
+    assert not other.model.embed_tokens.weight.requires_grad  # `model`'s flags (True there) are not its own

@@ -12,11 +12,12 @@ import types
 
 import pytest
 import torch
-from helpers import STDLIB
+from helpers import STDLIB, tiny_pipeline
 from safetensors.torch import load_file
 
 from dfm_hf.pipelines import DFMPipeline
-from dfm_hf.training.lora_finetune import DEFAULT_TARGET_MODULES
+from dfm_hf.training.adapters import LORA_TARGET_MODULES
+from dfm_hf.training.lora_finetune import build_parser, load_base_pipeline, validate_args
 from dfm_hf.training.lora_finetune import main as lora_main
 from dfm_hf.training.train import evaluate_model
 from dfm_hf.training.train import main as train_main
@@ -96,7 +97,7 @@ def test_lora_learns_the_corpus_and_loads_merges_and_stays_small(base, corpus, t
     with open(os.path.join(out, "adapter_config.json"), encoding="utf-8") as f:
         config = json.load(f)
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["base_model_name_or_path"] == base
-    assert set(config["target_modules"]) == set(DEFAULT_TARGET_MODULES)
+    assert set(config["target_modules"]) == set(LORA_TARGET_MODULES)
     adapter = load_file(os.path.join(out, "adapter_model.safetensors"))
     adapter_size = sum(t.numel() for t in adapter.values())
     model_size = sum(p.numel() for p in pipe.model.parameters())
@@ -148,3 +149,36 @@ def test_missing_base_pipeline_is_a_clear_error(corpus, tmp_path):
     with pytest.raises(ValueError, match="--pretrained_model_name_or_path"):
         lora_main(lora_args(str(tmp_path / "no_such_pipeline"), corpus, str(out)))
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, flag",
+    [
+        (["--lora_r", "0"], "--lora_r"),
+        (["--lora_alpha", "0"], "--lora_alpha"),
+        (["--lora_dropout", "1.0"], "--lora_dropout"),
+        (["--target_modules", " , "], "--target_modules"),
+        (["--learning_rate", "-1"], "--learning_rate"),
+    ],
+)
+def test_finetuning_flags_are_checked_before_the_base_is_loaded(extra, flag):
+    args = build_parser().parse_args(["--pretrained_model_name_or_path", "x", "--stdlib", "--output_dir", "o", *extra])
+    with pytest.raises(ValueError, match=flag):
+        validate_args(args)
+
+
+def test_base_pipeline_is_checked_against_the_flags(tmp_path):
+    tiny_pipeline(seed=0).save_pretrained(str(tmp_path / "base"))
+    argv = ["--pretrained_model_name_or_path", str(tmp_path / "base"), "--stdlib", "--output_dir", "o"]
+    args = build_parser().parse_args(argv)
+    validate_args(args)
+    assert args.target_modules_list == list(LORA_TARGET_MODULES)
+    assert load_base_pipeline(args).model.config.vocab_size == len(load_base_pipeline(args).tokenizer)
+    for extra, message in [
+        (["--target_modules", "q_proj,qkv"], r"`--target_modules` \['qkv'\] are not linear layers"),
+        (["--seq_len", "600"], "`--seq_len` 600 exceeds the base model's max_position_embeddings=512"),
+    ]:
+        args = build_parser().parse_args(argv + extra)
+        validate_args(args)
+        with pytest.raises(ValueError, match=message):
+            load_base_pipeline(args)

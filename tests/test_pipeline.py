@@ -44,11 +44,33 @@ def test_load_with_dtype(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     half = DFMPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16)
     half.set_progress_bar_config(disable=True)
-    assert half.model.dtype == torch.bfloat16
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    ids = torch.randint(3, 300, (1, 12), generator=gen(0))
+    with torch.no_grad():
+        exact, rounded = pipe.model(ids).logits, half.model(ids).logits
+    assert rounded.dtype == torch.bfloat16
+    assert torch.allclose(rounded.float(), exact, atol=0.1)  # the same weights, rounded to bfloat16
     out = half(gen_length=8, num_inference_steps=4, generator=gen(0), output_type="pt")
-    assert out.sequences.shape == (1, 8)
+    assert out.sequences.shape == (1, 8) and not (out.sequences == half.mask_token_id).any()
     mapped = DFMPipeline.from_pretrained(tmp_path, device_map="cpu")
     assert mapped.model.device.type == "cpu" and mapped.hf_device_map == "cpu"
+
+
+def test_model_index_names_public_dfm_hf_classes(pipe, tmp_path):
+    """diffusers' ``from_pretrained`` imports the library named in model_index.json and looks each class up on it
+    by name: the entries name the ``dfm_hf`` package, never a private module path."""
+    import importlib
+
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "DFMPipeline"
+    assert index["model"] == ["dfm_hf", "DFMForMaskedGeneration"]
+    assert index["scheduler"] == ["dfm_hf", "DiscreteFlowScheduler"]
+    loaded = DFMPipeline.from_pretrained(tmp_path)
+    for name in ("model", "scheduler", "tokenizer"):
+        library, class_name = index[name]
+        assert type(getattr(loaded, name)) is getattr(importlib.import_module(library), class_name)
+    assert importlib.import_module("dfm_hf").DFMPipeline is DFMPipeline
 
 
 def test_infilling_keeps_every_given_token(pipe):

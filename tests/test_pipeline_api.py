@@ -1,8 +1,6 @@
-"""DFMPipeline call API: generator rules, callbacks, return types, deprecated names, chat messages, uniform source."""
+"""DFMPipeline call API: generator rules, callbacks, return types, removed names, chat messages, uniform source."""
 
 from __future__ import annotations
-
-import warnings
 
 import pytest
 import torch
@@ -133,19 +131,11 @@ def test_return_dict_false_gives_the_same_cpu_tensors(base):
     assert torch.equal(sequences, out.sequences) and texts == out.texts and nfe == out.nfe
 
 
-def test_use_cache_is_a_deprecated_alias_of_skip_idle_steps(base):
-    import dfm_hf.pipelines.pipeline_dfm as module
-
+def test_use_cache_is_not_an_argument(base):
+    """``skip_idle_steps`` has no ``use_cache`` alias (transformers users read ``use_cache`` as a KV cache)."""
     base.scheduler = SCHEDULERS["mask-corrector"](base.tokenizer, base.model.config.vocab_size)
-    kw = dict(gen_length=6, num_inference_steps=24, output_type="pt")
-    ref = base("a", generator=gen(0), skip_idle_steps=False, **kw)
-    module._USE_CACHE_WARNED = False
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        old = base("a", generator=gen(0), use_cache=False, **kw)
-        base("a", generator=gen(0), use_cache=True, **kw)
-    assert [w.category for w in caught if "use_cache" in str(w.message)] == [FutureWarning]  # once
-    assert torch.equal(old.sequences, ref.sequences) and old.nfe == ref.nfe == 24
+    with pytest.raises(TypeError, match="unexpected keyword argument 'use_cache'"):
+        base("a", gen_length=6, num_inference_steps=4, use_cache=False)
 
 
 def test_chat_messages_apply_the_template_with_the_generation_prompt(base):

@@ -7,14 +7,16 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
 from huggingface_hub import HfApi
 
 from dfm_hf import DFMPipeline
+from dfm_hf.conversion import dream_config_to_dfm, llada_config_to_dfm, read_checkpoint_index, released_dfm_config
+from dfm_hf.conversion.checkpoint import iter_tensors
 from dfm_hf.models import DFMConfig, DFMForMaskedGeneration
-from dfm_hf.models.conversion import dream_config_to_dfm, llada_config_to_dfm, released_dfm_config
 from dfm_hf.pipelines.released import RELEASED_PRESET_SPECS, released_pipeline_components
 from dfm_hf.schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
 
@@ -180,7 +182,7 @@ def test_llada_moe_is_refused():
     "overrides, key",
     [
         ({"use_sliding_window": True, "sliding_window": 16}, "use_sliding_window"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+        ({"rope_scaling": {"rope_type": "proportional", "factor": 4.0}}, "rope_scaling.rope_type"),
         ({"hidden_act": "gelu"}, "hidden_act"),
     ],
 )
@@ -220,6 +222,59 @@ def test_truncated_released_shard_is_named(tmp_path, llama):
         DFMForMaskedGeneration.from_pretrained(folder)
 
 
+def test_truncated_data_of_a_single_file_checkpoint_is_named(tmp_path, llama):
+    """The header is intact and only the data ends early: refused before any tensor is read, naming the file."""
+    folder = llada_folder(tmp_path, llama)
+    path = os.path.join(folder, "model.safetensors")
+    with open(path, "rb") as f:
+        header_end = 8 + int.from_bytes(f.read(8), "little")
+    size = os.path.getsize(path)
+    assert size - 4 > header_end
+    with open(path, "r+b") as f:
+        f.truncate(size - 4)
+    with pytest.raises(OSError, match=rf"model\.safetensors in {re.escape(folder)} is not a valid safetensors file"):
+        DFMForMaskedGeneration.from_pretrained(folder)
+
+
+def test_checkpoint_index_reads_headers_and_tensors_lazily(tmp_path, llama):
+    """The index holds every tensor's file, dtype and shape from the headers; a tensor is read when asked for, so a
+    shard broken after indexing is named by that read."""
+    tensors = ch.llada_tensors(llama)
+    tensors["model.transformer.wte.weight"] = tensors["model.transformer.wte.weight"].to(torch.bfloat16)
+    folder = llada_folder(tmp_path, llama, 2, tensors=tensors)
+    index = read_checkpoint_index(folder)
+    assert set(index.tensors) == set(tensors)
+    for name, tensor in tensors.items():
+        assert (index.tensors[name].dtype, index.tensors[name].shape) == (tensor.dtype, tuple(tensor.shape))
+    bf16 = tensors["model.transformer.wte.weight"].numel()
+    assert index.floating_dtype() == (
+        torch.bfloat16 if 2 * bf16 > sum(t.numel() for t in tensors.values()) else torch.float32
+    )
+    name = "model.transformer.wte.weight"
+    ((read, loaded),) = iter_tensors(index, [name])
+    assert read == name
+    assert loaded.dtype == torch.bfloat16 and torch.equal(loaded, tensors[name])
+    path = os.path.join(folder, index.tensors[name].file)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 4)
+    with pytest.raises(OSError, match=rf"{re.escape(index.tensors[name].file)} in .* is not a valid safetensors file"):
+        list(iter_tensors(index, [name]))
+
+
+def test_converted_weights_own_their_memory(tmp_path, llama):
+    """The weights are read into fresh memory, never left mapped from the file: overwriting the checkpoint in place
+    after loading (as saving to the same folder does) leaves the model unchanged."""
+    folder = llada_folder(tmp_path, llama)
+    model = DFMForMaskedGeneration.from_pretrained(folder, dtype=torch.float32)
+    path = os.path.join(folder, "model.safetensors")
+    with open(path, "rb") as f:
+        header_end = 8 + int.from_bytes(f.read(8), "little")
+    with open(path, "r+b") as f:
+        f.seek(header_end)
+        f.write(bytes(os.path.getsize(path) - header_end))
+    assert max_diff_llada(model, llama) < ATOL
+
+
 def test_truncated_own_checkpoint_names_the_file(tmp_path):
     torch.manual_seed(0)
     config = DFMConfig.from_preset("tiny", vocab_size=64, mask_token_id=63)
@@ -234,7 +289,7 @@ def test_truncated_own_checkpoint_names_the_file(tmp_path):
 def test_truncated_weights_of_a_bundled_pipeline_copy_are_named(tmp_path):
     import shutil
 
-    from dfm_hf.bundled_model import small_model_path
+    from dfm_hf.bundles.shipped import small_model_path
 
     shutil.copytree(small_model_path(), tmp_path / "pipe")
     path = tmp_path / "pipe" / "model" / "model.safetensors"

@@ -2,18 +2,17 @@
 
 Each fuzzed call must either work (and give a valid result) or raise ``ValueError``/``TypeError`` whose message names
 the argument; never an ``IndexError``/``RuntimeError`` from deep inside, a hang or a silently wrong result.
-Each property runs through :func:`run_counted`, which checks that it tried exactly its budget of inputs (150 for the
-cheap properties, 40 for those that start processes or load a pipeline: the README quotes these figures).
+Budgets: 150 inputs for the cheap properties, 40 for those that start processes or load a pipeline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import json
 import os
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
@@ -22,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dfm_hf.models import DFMConfig
-from dfm_hf.pipelines.presets import scheduler_from_config_file
 from dfm_hf.schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
+from dfm_hf.schedulers.presets import scheduler_from_config_file
 
 FUZZ_COUNTS: Counter = Counter()
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -45,15 +44,6 @@ def _assert_named(exc: BaseException, names: tuple[str, ...]) -> None:
     assert any(n in message for n in names), f"message does not name the argument ({names}): {message!r}"
 
 
-def run_counted(prop: Callable[..., None], name: str, budget: settings, **fixtures: Any) -> None:
-    """Run the hypothesis property ``prop`` (which counts its calls in ``FUZZ_COUNTS[name]``) and check that it tried
-    exactly ``budget.max_examples`` inputs."""
-    before = FUZZ_COUNTS[name]
-    prop(**fixtures)
-    tried = FUZZ_COUNTS[name] - before
-    assert tried == budget.max_examples, f"{name}: {tried} inputs tried, {budget.max_examples} budgeted"
-
-
 SCHED_KEYS = (
     "source_distribution", "mask_token_id", "vocab_size", "kappa_schedule", "kappa_exponent", "prediction_type",
     "corrector_alpha", "corrector_a", "corrector_b", "temperature", "top_k", "top_p", "sampling_dtype", "time_spacing",
@@ -70,7 +60,6 @@ SCHED_KEYS = (
     st.integers(1, 6),
 )
 def _fuzz_scheduler_config_and_step(overrides, steps):
-    FUZZ_COUNTS["scheduler config + step"] += 1
     config = {"mask_token_id": 3, "vocab_size": 8, **overrides}
     try:
         sched = DiscreteFlowScheduler(**config)
@@ -98,7 +87,7 @@ def _fuzz_scheduler_config_and_step(overrides, steps):
 
 
 def test_fuzz_scheduler_config_and_step():
-    run_counted(_fuzz_scheduler_config_and_step, "scheduler config + step", FUZZ)
+    _fuzz_scheduler_config_and_step()
 
 
 CONF_KEYS = ("mask_token_id", "vocab_size", "remasking", "temperature", "top_k", "top_p", "block_length")
@@ -115,7 +104,6 @@ CONF_KEYS = ("mask_token_id", "vocab_size", "remasking", "temperature", "top_k",
     st.integers(0, 4),
 )
 def _fuzz_confidence_scheduler(overrides, steps, prefix):
-    FUZZ_COUNTS["confidence scheduler config + step"] += 1
     config = {"mask_token_id": 3, "vocab_size": 8, **overrides}
     try:
         sched = ConfidenceUnmaskingScheduler(**config)
@@ -136,7 +124,7 @@ def _fuzz_confidence_scheduler(overrides, steps, prefix):
 
 
 def test_fuzz_confidence_scheduler():
-    run_counted(_fuzz_confidence_scheduler, "confidence scheduler config + step", FUZZ)
+    _fuzz_confidence_scheduler()
 
 
 MODEL_KEYS = (
@@ -149,7 +137,6 @@ MODEL_KEYS = (
 @FUZZ
 @given(st.dictionaries(st.sampled_from(MODEL_KEYS), weird, max_size=4))
 def _fuzz_model_config(overrides):
-    FUZZ_COUNTS["model config"] += 1
     base = dict(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                 max_position_embeddings=16, mask_token_id=2, pad_token_id=0)  # fmt: skip
     try:
@@ -173,7 +160,7 @@ def _fuzz_model_config(overrides):
 
 
 def test_fuzz_model_config():
-    run_counted(_fuzz_model_config, "model config", FUZZ)
+    _fuzz_model_config()
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +181,6 @@ CALL_KEYS = ("gen_length", "num_inference_steps", "num_samples_per_prompt", "tem
     )
 )
 def _fuzz_pipeline_call(pipe, kwargs):
-    FUZZ_COUNTS["pipeline call"] += 1
     call = {"prompt": "def f():", "gen_length": 3, "num_inference_steps": 3, **kwargs}
     if isinstance(call.get("gen_length"), int) and call["gen_length"] > 64:
         call["gen_length"] = 10_000  # keep big values adversarial (must be refused) without heavy compute
@@ -211,15 +197,28 @@ def _fuzz_pipeline_call(pipe, kwargs):
 
 
 def test_fuzz_pipeline_call(pipe):
-    run_counted(_fuzz_pipeline_call, "pipeline call", FUZZ, pipe=pipe)
+    _fuzz_pipeline_call(pipe=pipe)
 
 
-def _names_a_fuzzed_flag(err: str, fuzzed: list[str]) -> bool:
-    """Whether the CLI's error message ``err`` names one of the flags in ``fuzzed`` (``--top-p``, ``top_p`` or
-    ``top-p``), or lists the arguments argparse did not recognise."""
-    text = err.replace("-", "_")
-    flags = {a.lstrip("-").replace("-", "_") for a in fuzzed if a.startswith("--")}
-    return any(f in text for f in flags) or "unrecognized arguments" in err
+def _assert_names_a_fuzzed_flag(err: str, args: list[str], fuzzed: list[str]) -> None:
+    """The CLI's error (the text after its last ``error:`` prefix in ``err``) lists exactly the arguments of ``args``
+    that argparse does not recognise, when there are such; otherwise it names one of the ``fuzzed`` flags as argparse
+    (``argument --top-p: ...``), the CLI (```--top-p` ...``) or the pipeline (```top_p` ...``) does."""
+    from dfm_hf.cli import _generate_parser
+
+    prefix = "dfm-hf generate: error: "  # argparse's and the CLI's own errors alike
+    message = err[err.rindex(prefix) + len(prefix) :].removesuffix("\n")
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            unknown = _generate_parser().parse_known_args(args[1:])[1]
+        except SystemExit:  # a value argparse refuses: reported before any unknown argument
+            unknown = []
+    if unknown:
+        assert message == f"unrecognized arguments: {' '.join(unknown)}"
+        return
+    flags = [a for a in fuzzed if a.startswith("--")]
+    forms = [form for f in flags for form in (f"argument {f}:", f"`{f}`", f"`{f[2:].replace('-', '_')}`")]
+    assert [form for form in forms if form in message], f"the error names none of {flags}: {message!r}"
 
 
 @FUZZ_SLOW
@@ -235,7 +234,6 @@ def _names_a_fuzzed_flag(err: str, fuzzed: list[str]) -> bool:
     )
 )  # fmt: skip
 def _fuzz_cli_flags(tmp_path_factory, capsys, argv):
-    FUZZ_COUNTS["CLI flags"] += 1
     from dfm_hf import cli
 
     folder = tmp_path_factory.getbasetemp() / "cli-pipe"
@@ -250,11 +248,12 @@ def _fuzz_cli_flags(tmp_path_factory, capsys, argv):
     assert code in (0, 2)
     err = capsys.readouterr().err
     if code == 2:
-        assert "error:" in err and _names_a_fuzzed_flag(err, argv), f"{argv}: {err[-500:]!r}"
+        _assert_names_a_fuzzed_flag(err, args, argv)
 
 
+@pytest.mark.slow  # an empty `--model` draws the shipped model, materialised once per session (20-110 s)
 def test_fuzz_cli_flags(tmp_path_factory, capsys):
-    run_counted(_fuzz_cli_flags, "CLI flags", FUZZ_SLOW, tmp_path_factory=tmp_path_factory, capsys=capsys)
+    _fuzz_cli_flags(tmp_path_factory=tmp_path_factory, capsys=capsys)
 
 
 TRAIN_FLAGS = ("--seq_len", "--max_train_steps", "--train_batch_size", "--gradient_accumulation_steps",
@@ -271,8 +270,10 @@ TRAIN_FLAGS = ("--seq_len", "--max_train_steps", "--train_batch_size", "--gradie
     )
 )
 def _fuzz_training_flags(tmp_path_factory, flags):
-    FUZZ_COUNTS["training flags"] += 1
-    from dfm_hf.training.train import build_parser, validate_args
+    from dfm_hf.paths import COUPLINGS
+    from dfm_hf.training.arguments import build_parser, validate_args
+    from dfm_hf.training.collator import DFMDataCollator
+    from dfm_hf.training.losses import LOSS_TYPES
 
     out = tmp_path_factory.getbasetemp() / "never-written"
     argv = ["--stdlib", "--output_dir", str(out)]
@@ -283,20 +284,40 @@ def _fuzz_training_flags(tmp_path_factory, flags):
         validate_args(args)
     except SystemExit as e:
         assert e.code == 2
+        assert not out.exists()
+        return
     except Exception as e:  # noqa: BLE001
-        _assert_named(e, tuple(f.lstrip("-") for f in TRAIN_FLAGS))
+        _assert_named(e, tuple(f.lstrip("-") for f in flags))  # names a flag that was given
+        assert not out.exists()
+        return
+    FUZZ_COUNTS["accepted training flags"] += 1
+    for flag, text in flags.items():  # accepted: each flag took effect, within its documented range
+        value = getattr(args, flag.lstrip("-"))
+        if flag == "--coupling":
+            spec = args.coupling_spec
+            names = {part.partition(":")[0] for part in text.split(",")}
+            assert spec == text if isinstance(spec, str) else set(spec) == names
+            assert names <= set(COUPLINGS)
+            DFMDataCollator(coupling=spec, source_distribution="mask", mask_token_id=3, vocab_size=4)
+        elif flag == "--loss":
+            assert value == text and value in LOSS_TYPES
+        elif flag == "--learning_rate":
+            assert value == float(text) and 0 < value < float("inf")
+        else:  # the integer flags: sizes and step counts >= 1, warmup >= 0
+            assert value == int(text) and value >= (0 if flag == "--warmup_steps" else 1)
     assert not out.exists()
 
 
 def test_fuzz_training_flags(tmp_path_factory):
-    run_counted(_fuzz_training_flags, "training flags", FUZZ, tmp_path_factory=tmp_path_factory)
+    accepted = FUZZ_COUNTS["accepted training flags"]
+    _fuzz_training_flags(tmp_path_factory=tmp_path_factory)
+    assert FUZZ_COUNTS["accepted training flags"] > accepted  # the accepted branch's assertions ran
 
 
 @FUZZ_SLOW
 @given(st.lists(st.lists(st.sampled_from(["def f(): return 1", "x"]), max_size=3), max_size=3), weird)
 def _fuzz_pass_at_k_inputs(predictions, k):
-    FUZZ_COUNTS["metric inputs"] += 1
-    import dfm_hf.metrics as metrics
+    import dfm_hf.evaluation.metrics as metrics
 
     metric = _metric(metrics)
     refs = ["assert True"] * len(predictions)
@@ -308,8 +329,9 @@ def _fuzz_pass_at_k_inputs(predictions, k):
     assert all(0.0 <= v <= 1.0 for v in scores.values())
 
 
+@pytest.mark.slow  # each example runs programs in the sandbox
 def test_fuzz_pass_at_k_inputs():
-    run_counted(_fuzz_pass_at_k_inputs, "metric inputs", FUZZ_SLOW)
+    _fuzz_pass_at_k_inputs()
 
 
 _METRIC = {}
@@ -324,22 +346,30 @@ def _metric(metrics):
 @FUZZ
 @given(st.text(max_size=30))
 def _fuzz_hub_ids(name):
-    FUZZ_COUNTS["Hub ids"] += 1
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     from dfm_hf import DFMPipeline
 
     if os.path.isdir(name):
         return
     try:
+        validate_repo_id(name)
+        repo_id = not name.startswith(("/", ".", "~"))
+    except HFValidationError:
+        repo_id = False
+    with pytest.raises(OSError) as caught:
         DFMPipeline.from_pretrained(name, local_files_only=True)
-    except (ValueError, OSError) as e:
-        message = str(e)
-        assert repr(name) in message or f"'{name}'" in message, f"the error does not name {name!r}: {message!r}"
-    else:  # pragma: no cover - nothing is cached under a random name
-        raise AssertionError(f"{name!r} loaded")
+    message = str(caught.value)
+    if repo_id:  # nothing is cached under a random name
+        assert message.startswith(f"Could not load DFM pipeline {name!r} "), message
+        assert "from the local cache" in message, message
+    else:
+        assert message == f"`pretrained_model_name_or_path` {name!r} is neither an existing folder nor a Hub repo id."
 
 
 def test_fuzz_hub_ids():
-    run_counted(_fuzz_hub_ids, "Hub ids", FUZZ)
+    _fuzz_hub_ids()
 
 
 # --------------------------------------------------------------------------- untrusted files

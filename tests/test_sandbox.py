@@ -1,4 +1,4 @@
-"""Tests of dfm_hf.sandbox: every attack is stopped, and the host and later programs carry on."""
+"""Tests of dfm_hf.evaluation.sandbox: every attack is stopped, and the host and later programs carry on."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-from dfm_hf.sandbox import STATUSES, SandboxResult, run_program, run_programs
-from dfm_hf.sandbox_child import _make_hook
+from dfm_hf.evaluation.sandbox import STATUSES, SandboxResult, run_program, run_programs
+from dfm_hf.evaluation.sandbox_child import _make_hook
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox targets Linux")
 
@@ -208,6 +208,7 @@ def test_main_guard_follows_as_main():
     assert run(code, as_main=False).passed
 
 
+@pytest.mark.slow
 def test_run_programs_keeps_order_and_goes_on_after_attacks(tmp_path):
     target = tmp_path / "out.txt"
     codes = [

@@ -16,8 +16,8 @@ import torch
 from dfm_hf.data.sft import load_sft_dataset, tokenize_sft
 from dfm_hf.pipelines import DFMPipeline
 from dfm_hf.schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
+from dfm_hf.training.adapters import LORA_TARGET_MODULES
 from dfm_hf.training.collator import DFMDataCollator
-from dfm_hf.training.lora_finetune import DEFAULT_TARGET_MODULES
 from dfm_hf.training.lora_finetune import main as lora_main
 from dfm_hf.training.train import evaluate_model
 from dfm_hf.training.train import main as train_main
@@ -187,7 +187,7 @@ def test_lora_sft_on_a_converted_released_model_loads_back(family, data, llada, 
                                     "--loss_weighting", "inverse_t"))  # fmt: skip
     assert final["val_loss"] < final["base_val_loss"] - 0.5, final
     with open(os.path.join(out, "adapter_config.json"), encoding="utf-8") as f:
-        assert set(json.load(f)["target_modules"]) == set(DEFAULT_TARGET_MODULES)
+        assert set(json.load(f)["target_modules"]) == set(LORA_TARGET_MODULES)
 
     pipe = DFMPipeline.from_pretrained(base)  # converted on load, as the adapter was trained
     tok = pipe.tokenizer

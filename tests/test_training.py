@@ -1,4 +1,5 @@
-"""train.py end to end on real stdlib sources: learning, a real 2-process gloo group, kill + resume, bad input.
+"""Training: each module of ``dfm_hf.training`` on its own (fast), then train.py end to end on real stdlib sources
+(slow): learning, a real 2-process gloo group, kill + resume, bad input.
 
 Every run is tiny (hidden 64, 2 layers, vocab 384, 32-token rows) and single-threaded: on a busy 2-core machine torch's
 default thread pool spins against other processes and makes each step ~100x slower.
@@ -11,8 +12,10 @@ Distributed runs go through ``python -m torch.distributed.run`` (torchrun). On a
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
+import math
 import os
 import shutil
 import signal
@@ -22,12 +25,52 @@ import textwrap
 
 import pytest
 import torch
-from helpers import STDLIB, tiny_tokenizer
+from helpers import STDLIB, tiny_pipeline, tiny_tokenizer
 from run_logs import losses, read_log
 from safetensors.torch import load_file
 
+from dfm_hf.models import DFM_PRESETS, DFMConfig, DFMForMaskedGeneration
 from dfm_hf.pipelines import DFMPipeline
-from dfm_hf.training.train import main
+from dfm_hf.schedulers import DiscreteFlowScheduler
+from dfm_hf.training.adapters import (
+    DEFAULT_MASK_TOKEN,
+    EMBEDDING_ROWS_FILE,
+    LORA_TARGET_MODULES,
+    base_recipe,
+    check_lora_targets,
+    init_source,
+    save_embedding_rows,
+    write_embedding_rows,
+)
+from dfm_hf.training.arguments import (
+    DEFAULT_MODEL_CONFIG,
+    DEFAULT_TOKENIZER_VOCAB_SIZE,
+    TOKEN_ID_KEYS,
+    build_parser,
+    validate_args,
+    validate_lora_args,
+)
+from dfm_hf.training.batches import (
+    BatchPlan,
+    StreamedRows,
+    annealing_seed,
+    collator_seed,
+    draw_micro_batch,
+    make_collator,
+)
+from dfm_hf.training.checkpoints import (
+    STATE_FILE,
+    checkpoint_dirs,
+    config_signature,
+    read_checkpoint_step,
+    resolve_resume,
+    save_checkpoint,
+    tokenizer_fingerprint,
+    training_recipe,
+)
+from dfm_hf.training.collator import DFMDataCollator
+from dfm_hf.training.losses import LOSS_TYPES, batch_loss
+from dfm_hf.training.train import evaluate_model, main, make_logger, make_optimizer, run_record, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "examples", "train_dfm.py")
@@ -91,6 +134,260 @@ def reference(data, tmp_path_factory) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Fast: each training module on its own (no training run, nothing written outside tmp_path)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def parsed(*argv: str) -> argparse.Namespace:
+    args = build_parser().parse_args(["--stdlib", "--output_dir", "never-written", *argv])
+    validate_args(args)
+    return args
+
+
+def test_arguments_defaults_and_derived_values():
+    args = parsed()
+    assert (args.model_config, args.tokenizer_vocab_size) == (DEFAULT_MODEL_CONFIG, DEFAULT_TOKENIZER_VOCAB_SIZE)
+    assert args.loss == "ce" and args.loss_weighting == "none" and args.coupling_spec == "unconditional"
+    assert args.model_config_fields["num_hidden_layers"] == DFM_PRESETS["tiny"]["num_hidden_layers"]
+    assert not set(args.model_config_fields) & set(TOKEN_ID_KEYS)  # the ids come from the tokenizer
+    assert "loss_type" not in args.model_config_fields  # the loss is the training code's choice
+    mixed = parsed("--coupling", "prefix:0.25,infill", "--loss", "generalized_kl", "--model_config_overrides",
+                   '{"num_hidden_layers": 3}')  # fmt: skip
+    assert mixed.coupling_spec == {"prefix": 0.25, "infill": 1.0} and mixed.loss == "generalized_kl"
+    assert mixed.model_config_fields["num_hidden_layers"] == 3
+    assert not os.path.exists("never-written")
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--coupling", "prefix:-1"], "--coupling"),
+        (["--coupling", "suffix"], "--coupling"),
+        (["--loss", "generalized_kl", "--loss_weighting", "inverse_t"], "--loss_weighting"),
+        (["--lora_r", "4"], "--lora_r"),
+        (["--mask_token", "<m>"], "--mask_token"),
+        (["--model_config", "huge"], "--model_config"),
+        (["--sft"], "--sft"),
+        (["--learning_rate", "0"], "--learning_rate"),
+        (["--resume_from_checkpoint", "/no/such/ckpt"], "--resume_from_checkpoint"),
+    ],
+)
+def test_arguments_bad_flags_are_named(argv, flag):
+    with pytest.raises(ValueError, match=flag):
+        parsed(*argv)
+
+
+def test_lora_arguments_default_alpha_and_targets():
+    args = build_parser().parse_args(["--stdlib", "--output_dir", "o", "--lora_r", "4", "--init_from_pretrained", "x"])
+    validate_lora_args(args)
+    assert args.lora_alpha == 8.0 and args.lora_target_modules_list == list(LORA_TARGET_MODULES)
+
+
+def test_batch_plan_splits_one_global_batch_over_processes_and_covers_each_epoch():
+    one = BatchPlan(num_rows=10, batch_size=2, accumulation=2, world=1, seed=4)
+    two = BatchPlan(num_rows=10, batch_size=2, accumulation=1, world=2, seed=4)
+    for step in range(6):  # the same rows in the same order: (micro 0, micro 1) of one = (rank 0, rank 1) of two
+        assert one.rows(step, 0, 0) + one.rows(step, 1, 0) == two.rows(step, 0, 0) + two.rows(step, 0, 1)
+    epoch = [r for step in range(5) for m in range(2) for r in one.rows(step, m, 0)][:10]
+    assert sorted(epoch) == list(range(10))  # every row once per epoch
+    assert BatchPlan(10, 2, 2, 1, seed=5).rows(0, 0, 0) + BatchPlan(10, 2, 2, 1, seed=5).rows(0, 1, 0) != epoch[:4]
+    assert BatchPlan(None, 3, 1, 2, seed=0).rows(2, 0, 1) == [15, 16, 17]  # a stream: positions in stream order
+
+
+def test_streamed_rows_are_read_lazily_in_stream_order_and_restart(tmp_path):
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"input_ids": [[i, i] for i in range(5)]}).to_iterable_dataset()
+    rows = StreamedRows(ds, seed=0, buffer_size=1)  # buffer 1: the stream order is the data's
+    assert rows[[0, 1, 2]].tolist() == [[0, 0], [1, 1], [2, 2]]
+    assert rows[[4, 5]].tolist() == [[4, 4], [0, 0]]  # epoch 2 restarts the stream
+    assert rows[[1]].tolist() == [[1, 1]]  # an earlier position: read again from the start
+    with pytest.raises(TypeError, match="no length"):
+        len(rows)
+
+
+def test_micro_batches_are_a_pure_function_of_their_index():
+    tok = tiny_tokenizer()
+    collator = DFMDataCollator(source_distribution="mask", mask_token_id=tok.mask_token_id, vocab_size=len(tok),
+                               coupling={"prefix": 1, "infill": 1}, pad_token_id=0)  # fmt: skip
+    rows = torch.randint(3, len(tok), (12, 16), generator=torch.Generator().manual_seed(0))
+    plan = BatchPlan(12, 2, 2, 1, seed=3)
+    a, mask_a = draw_micro_batch(collator, plan, rows, 4, 1, 0, seed=3, visible_fraction=0.5)
+    draw_micro_batch(collator, plan, rows, 0, 0, 0, seed=3)  # another draw in between changes nothing
+    b, mask_b = draw_micro_batch(collator, plan, rows, 4, 1, 0, seed=3, visible_fraction=0.5)
+    assert all(torch.equal(a[k], b[k]) for k in a) and torch.equal(mask_a, mask_b)
+    assert mask_a.shape == (2, 1, 16, 16)  # annealing: a 4-d mask; bidirectional: the padding mask
+    assert draw_micro_batch(collator, plan, rows, 4, 1, 0, seed=3)[1].shape == (2, 16)
+    c, _ = draw_micro_batch(collator, plan, rows, 4, 1, 0, seed=4)
+    assert not torch.equal(a["input_ids"], c["input_ids"])
+    assert annealing_seed(3, 7) != collator_seed(3, 7)
+
+
+def test_batch_loss_is_the_chosen_loss_of_the_scored_tokens():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([[-100, 4, 5, -100], [6, -100, -100, 7]])
+    batch = {
+        "labels": labels,
+        "input_ids": torch.tensor([[1, 9, 9, 2], [9, 3, 3, 9]]),
+        "kappa_rate": torch.tensor([2.0, 5.0]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+        "condition_mask": torch.tensor([[True, False, False, False], [False] * 4]),
+    }
+    logits = torch.randn(4, 10, generator=g)  # the 4 scored positions, row-major
+    x1, rate = torch.tensor([4, 5, 6, 7]), torch.tensor([2.0, 2.0, 5.0, 5.0])
+    log_p = torch.log_softmax(logits, -1)
+    ce = -log_p[torch.arange(4), x1]
+    torch.testing.assert_close(batch_loss(logits, batch, "ce"), ce.mean())
+    p_mask = log_p[:, 9].exp()  # x_t is the mask (id 9) at every scored position
+    torch.testing.assert_close(batch_loss(logits, batch, "generalized_kl"), (rate * (ce - p_mask)).mean())
+    torch.testing.assert_close(batch_loss(logits, batch, "ce", "inverse_t"), (rate * ce).sum() / 6)  # 6 corruptible
+    for kwargs, name in [({"loss": "mse"}, "`loss`"), ({"weighting": "t"}, "`weighting`"),
+                         ({"loss": "generalized_kl", "weighting": "inverse_t"}, "`loss` 'ce'")]:  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            batch_loss(logits, batch, **kwargs)
+    assert set(LOSS_TYPES) == set(build_parser()._option_string_actions["--loss"].choices)
+
+
+def test_checkpoints_resolve_only_complete_matching_ones(tmp_path):
+    tok = tiny_tokenizer()
+    config = DFMConfig.from_preset("tiny", tokenizer=tok)
+    args = parsed("--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest")
+    root = tmp_path / "checkpoints"
+    for step in (2, 10, 4):
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        state = {"step": step, "model_config": config_signature(config), "recipe": training_recipe(args),
+                 "tokenizer_sha256": tokenizer_fingerprint(tok)}  # fmt: skip
+        (root / f"checkpoint-{step}" / STATE_FILE).write_text(json.dumps(state))
+    (root / "checkpoint-12").mkdir()  # incomplete: no state file
+    (root / ".tmp-checkpoint-14").mkdir()
+    assert [os.path.basename(d) for d in checkpoint_dirs(str(tmp_path))] == ["checkpoint-2", "checkpoint-4",
+                                                                             "checkpoint-10"]  # fmt: skip
+    latest = resolve_resume(args, config, tok)
+    assert os.path.basename(latest) == "checkpoint-10" and read_checkpoint_step(latest) == 10
+    annealed = parsed("--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest",
+                      "--loss_weighting", "inverse_t")  # fmt: skip
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint.*--loss_weighting='none'"):
+        resolve_resume(annealed, config, tok)
+    other = DFMConfig.from_preset("tiny", tokenizer=tok, num_hidden_layers=3)
+    with pytest.raises(ValueError, match=r"different model config \(differs in \['num_hidden_layers'\]\)"):
+        resolve_resume(args, other, tok)
+    with pytest.raises(ValueError, match="different tokenizer vocabulary"):
+        resolve_resume(args, config, tiny_tokenizer(300))
+    assert resolve_resume(parsed("--output_dir", str(tmp_path / "fresh"), "--resume_from_checkpoint", "latest"),
+                          config, tok) is None  # fmt: skip
+
+
+def test_save_checkpoint_renames_into_place_and_keeps_the_limit(tmp_path, one_thread):
+    from accelerate import Accelerator
+
+    tok = tiny_tokenizer()
+    model = DFMForMaskedGeneration(DFMConfig.from_preset("tiny", tokenizer=tok))
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(model)
+    args = parsed("--output_dir", str(tmp_path), "--checkpoints_total_limit", "2")
+    for step in (1, 2, 3):
+        save_checkpoint(accelerator, args, step, model.config, tok)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint-2", "checkpoint-3"]
+    state = json.loads((tmp_path / "checkpoints" / "checkpoint-3" / STATE_FILE).read_text())
+    assert state["step"] == 3 and state["tokenizer_sha256"] == tokenizer_fingerprint(tok)
+    assert state["recipe"] == training_recipe(args)
+
+
+def test_embedding_rows_round_trip_and_are_checked(tmp_path):
+    tok = tiny_tokenizer()
+    model = DFMForMaskedGeneration(DFMConfig.from_preset("tiny", tokenizer=tok, tie_word_embeddings=False))
+    rows = torch.randn(2, model.config.hidden_size)
+    head = torch.randn(2, model.config.hidden_size)
+    path = str(tmp_path / EMBEDDING_ROWS_FILE)
+    save_embedding_rows(path, [5, 7], rows, head)
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    write_embedding_rows(model, tensors, str(tmp_path))
+    torch.testing.assert_close(model.model.embed_tokens.weight[[5, 7]].detach(), rows)
+    torch.testing.assert_close(model.lm_head.weight[[5, 7]].detach(), head)
+    for bad, message in [
+        ({**tensors, "token_ids": torch.tensor([5, 10_000])}, "do not fit"),
+        ({**tensors, "model.norm.weight": rows[0]}, "have no place in the model"),
+        ({"token_ids": tensors["token_ids"]}, "lacks `model.embed_tokens.weight`"),
+        ({k: v for k, v in tensors.items() if k != "token_ids"}, "1-d `token_ids`"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            write_embedding_rows(model, bad, str(tmp_path))
+    with pytest.raises(ValueError, match="`--lora_target_modules` \\['qkv'\\] are not linear layers"):
+        check_lora_targets(model, ["q_proj", "qkv"])
+
+
+def test_base_recipe_and_init_source():
+    args = argparse.Namespace(init_from_causal_lm="m", init_from_pretrained=None, gguf_file=None, mask_token=None,
+                              mask_token_id=None)  # fmt: skip
+    assert init_source(args) == ("--init_from_causal_lm", "m")
+    assert base_recipe(args) == {"init_from_causal_lm": "m", "gguf_file": None, "mask_token": DEFAULT_MASK_TOKEN,
+                                 "mask_token_id": None}  # fmt: skip
+    args.mask_token_id = 3  # an existing token is the mask: no new token string
+    assert base_recipe(args)["mask_token"] is None
+    assert base_recipe(argparse.Namespace(init_from_causal_lm=None, init_from_pretrained="p")) == {
+        "init_from_pretrained": "p"
+    }
+    assert init_source(argparse.Namespace(init_from_causal_lm=None, init_from_pretrained=None)) is None
+
+
+def test_train_step_reports_the_planned_batch_loss_and_updates_the_weights(one_thread):
+    from accelerate import Accelerator
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = DFMForMaskedGeneration(DFMConfig.from_preset("tiny", tokenizer=tok))
+    args = parsed("--loss", "generalized_kl", "--gradient_accumulation_steps", "2", "--train_batch_size", "2",
+                  "--seq_len", "16", "--warmup_steps", "0", "--lr_scheduler", "constant")  # fmt: skip
+    scheduler = DiscreteFlowScheduler(mask_token_id=tok.mask_token_id, vocab_size=len(tok))
+    collator = make_collator(scheduler, args, tok)
+    rows = torch.randint(3, len(tok), (8, 16), generator=torch.Generator().manual_seed(1))
+    plan = BatchPlan(8, 2, 2, 1, args.seed)
+    with torch.no_grad():  # the losses of step 0's two micro-batches, at the initial weights
+        expected = []
+        for micro in range(2):
+            batch, attention = draw_micro_batch(collator, plan, rows, 0, micro, 0, args.seed)
+            scored = batch["labels"] != -100
+            logits = model(batch["input_ids"], attention_mask=attention, timesteps=batch["timesteps"],
+                           logits_to_keep=scored).logits  # fmt: skip
+            expected.append(batch_loss(logits, batch, "generalized_kl").item())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    optimizer, lr_sched = make_optimizer(model.parameters(), args, 1)
+    model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
+    loss = train_step(accelerator, model, optimizer, lr_sched, collator, plan, rows, 0, args)
+    # both micro-batches run at the initial weights: the optimizer steps once, after the second
+    assert loss == pytest.approx(sum(expected) / 2, rel=1e-5) and loss > 0
+    changed = [k for k, v in accelerator.unwrap_model(model).state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "the optimizer step changed no weight"
+
+
+def test_evaluate_model_reports_ce_and_the_elbo_bound(one_thread):
+    pipe = tiny_pipeline(seed=0)
+    rows = torch.randint(3, len(pipe.tokenizer), (6, 16), generator=torch.Generator().manual_seed(2))
+    args = argparse.Namespace(train_batch_size=4, eval_batches=2, num_samples=1, seq_len=16)
+    metrics = evaluate_model(pipe.model, rows, pipe.scheduler, args, pipe.tokenizer)
+    assert metrics["val_loss"] > 0 and metrics["ppl_bound"] == pytest.approx(math.exp(metrics["elbo_per_token"]))
+    assert len(metrics["samples"]) == 1 and isinstance(metrics["samples"][0], str)
+    assert evaluate_model(pipe.model, rows, pipe.scheduler, args, pipe.tokenizer)["val_loss"] == metrics["val_loss"]
+
+
+def test_run_record_and_logger(tmp_path):
+    log = make_logger(str(tmp_path), enabled=True)
+    log({"step": 1, "loss": 2.5})
+    log({"step": 2, "loss": 2.0, "samples": ["x"]})
+    assert read_log(str(tmp_path)) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0, "samples": ["x"]}]
+    make_logger(str(tmp_path / "other"), enabled=False)({"step": 1})
+    assert not (tmp_path / "other").exists()  # not the main process: nothing written
+    accelerator = argparse.Namespace(num_processes=2, distributed_type="MULTI_CPU")
+    args = argparse.Namespace(train_batch_size=4, gradient_accumulation_steps=3)
+    record = run_record(accelerator, args, 5, resumed_from=None)
+    assert record == {"step": 5, "event": "start", "num_processes": 2, "distributed_type": "MULTI_CPU",
+                      "global_batch_size": 24, "resumed_from": None}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Learning and the saved pipeline
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -125,6 +422,7 @@ def test_training_lowers_the_loss_and_saves_a_pipeline_that_generates(data, tmp_
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_double_accumulation(data, reference, tmp_path):
     out = str(tmp_path / "ddp")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -181,6 +479,7 @@ KILLER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_the_last_complete_checkpoint_and_matches(data, reference, tmp_path):
     out = str(tmp_path / "killed")
     argv = tiny_args(data["train"], out, "--gradient_accumulation_steps", "2", "--max_train_steps", "6",
@@ -215,6 +514,7 @@ def test_killed_run_resumes_from_the_last_complete_checkpoint_and_matches(data, 
     assert sorted(os.listdir(ckpts)) == ["checkpoint-4", "checkpoint-6"]  # temp folder replaced, limit 2 kept
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_saves_it_again(reference, data, tmp_path, one_thread):
     out = str(tmp_path / "done")
     shutil.copytree(os.path.join(reference, "checkpoints"), os.path.join(out, "checkpoints"))
@@ -283,6 +583,7 @@ def _bad_cases(data: dict[str, str], reference: str, tmp: str) -> dict[str, tupl
     }
 
 
+@pytest.mark.slow
 def test_bad_input_raises_before_anything_is_written(data, reference, tmp_path, one_thread):
     cases = _bad_cases(data, reference, str(tmp_path / "inputs"))
     for name, (extra, flag) in cases.items():
@@ -297,6 +598,7 @@ def test_bad_input_raises_before_anything_is_written(data, reference, tmp_path, 
         print(f"{name}: {err.value}")
 
 
+@pytest.mark.slow
 def test_streaming_run_resumes_with_the_same_rows(tmp_path):
     """--streaming reads packed rows lazily; a resumed streaming run continues with the exact losses of an
     uninterrupted one (the stream position is a pure function of seed and step)."""

@@ -36,9 +36,9 @@ _EXPORTS = {
     # training
     "DFMDataCollator": ".training",
     "dfm_loss": ".training",
-    "generalized_kl_loss": ".training",
+    "generalized_kl_loss": ".models.losses",
     "kappa_rate": ".training",
-    "masked_cross_entropy_loss": ".training",
+    "masked_cross_entropy_loss": ".models.losses",
 }
 # the subpackages, importable as attributes (``dfm_hf.hub.push_lora_adapter``)
 _EXPORTS.update(

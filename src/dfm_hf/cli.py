@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Optional
 
-from .bundled_model import bundled_model_path, require_bundled_model
+from .bundles.shipped import bundled_model_path, require_bundled_model
 
 __all__ = ["FILL_MARKER", "bundled_model_path", "generate", "main"]
 
@@ -107,13 +107,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         if command == "lm-eval":
             try:
-                from .evaluation.harness import cli_main
+                from .evaluation.harness_cli import cli_main
             except ImportError as e:
                 raise ValueError(str(e)) from e  # names the extra to install
-            return cli_main(rest)
+            return cli_main(rest, default_model=require_bundled_model)
         from .evaluation.cli import main as evaluate_main
 
-        return evaluate_main(rest) or 0
+        return evaluate_main(rest, default_model=require_bundled_model) or 0
     except ValueError as e:
         print(f"dfm-hf {command}: error: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,8 @@ extra). Request types:
 * ``generate_until``: :class:`~dfm_hf.DFMPipeline` with the pipeline's scheduler or a named preset, cut at the task's
   stop sequences and at EOS.
 
-The shipped offline tasks (``humaneval_local``, ``stdlib_next_line``) live in :data:`TASKS_PATH`.
+The ELBO estimators live in :mod:`.elbo`, the argument handling in :mod:`.harness_args`, ``dfm-hf lm-eval`` in
+:mod:`.harness_cli`. The shipped offline tasks (``humaneval_local``, ``stdlib_next_line``) live in :data:`TASKS_PATH`.
 """
 
 from __future__ import annotations
@@ -25,10 +26,7 @@ import hashlib
 import inspect
 import json
 import logging
-import math
-import os
 import sys
-import typing
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
@@ -47,21 +45,18 @@ from tqdm.auto import tqdm
 
 from .. import paths
 from ..pipelines import DFMPipeline
-from .lm_eval_tasks import TAG, TASK_NAMES, TASKS_PATH
+from . import elbo
+from .elbo import ESTIMATORS
+from .harness_args import coerce_arguments, generation_settings, load_pipeline, select_scheduler
+from .lm_eval_tasks import TASKS_PATH
 from .tasks import decode_generated, row_seed, truncate_completion
 
-__all__ = ["DTYPES", "DFMLM", "ESTIMATORS", "TASK_NAMES", "TASKS_PATH", "cli_main", "task_manager"]
+__all__ = ["DTYPES", "DFMLM", "ESTIMATORS", "TASKS_PATH", "task_manager"]
 
 logger = logging.getLogger(__name__)
 
-#: ``estimator=`` values: ``"count"`` (LLaDA's mask count, the default) and ``"ratio"`` (mask ratio ``t ~ U(0, 1]``).
-ESTIMATORS = ("count", "ratio")
 #: ``dtype=`` values (None and "auto" keep the checkpoint's dtype).
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-#: ``gen_kwargs`` keys of lm-eval tasks that ``generate_until`` reads (others are ignored with a warning).
-GEN_KWARGS = ("until", "max_gen_toks", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p")
-#: Rows of the log-softmax computed at once (bounds the float32 copy of the kept logits).
-_LOGSOFTMAX_ROWS = 4096
 
 
 def task_manager(include_defaults: bool = True, **kwargs: Any) -> Any:
@@ -76,53 +71,6 @@ def task_manager(include_defaults: bool = True, **kwargs: Any) -> Any:
 
 def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, ensure_ascii=True).encode()).hexdigest()[:32]
-
-
-def _optional_base(hint: Any) -> tuple[Any, bool]:
-    """``(base type, accepts None)`` of a type hint such as ``Optional[int]``."""
-    if typing.get_origin(hint) is Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return (args[0] if len(args) == 1 else None), type(None) in typing.get_args(hint)
-    return hint, False
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """``value`` converted to the annotated type of argument ``name`` (lm-eval's CLI passes strings)."""
-    base, nullable = _optional_base(hint)
-    if isinstance(value, str) and value.strip().lower() in ("none", "null") and nullable:
-        return None
-    if value is None:
-        if nullable:
-            return None
-        raise ValueError(f"`{name}` must not be None.")
-    try:
-        if base is bool:
-            if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
-                return value.strip().lower() in ("true", "1", "yes")
-            if isinstance(value, bool):
-                return value
-            raise ValueError
-        if base is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(str(value).strip()) if isinstance(value, str) else int(value)
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError
-            out = float(value)
-            if not math.isfinite(out):
-                raise ValueError
-            return out
-        if base is str:
-            if not isinstance(value, str):
-                raise ValueError
-            return value
-    except (TypeError, ValueError):
-        kind = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(base, base)
-        raise ValueError(f"`{name}` must be {'None or ' if nullable else ''}{kind}, got {value!r}.") from None
-    return value
 
 
 @register_model("dfm_hf")
@@ -184,7 +132,7 @@ class DFMLM(LM):
         if unknown:
             accepted = sorted(p for p in inspect.signature(DFMLM.__init__).parameters if p not in ("self", "unknown"))
             raise ValueError(f"unknown DFMLM argument(s) {sorted(unknown)}; accepted: {accepted}.")
-        args = _coerce_all(dict(locals()))
+        args = coerce_arguments(DFMLM.__init__, dict(locals()), skip=("self", "unknown", "pretrained", "__class__"))
         for name in ("mc_num", "batch_size", "num_inference_steps", "gen_length"):
             if args[name] < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {args[name]!r}.")
@@ -204,7 +152,7 @@ class DFMLM(LM):
         if pretrained is None:
             raise ValueError("`pretrained` is required: a pipeline folder, a Hub repo id or a DFMPipeline.")
 
-        pipe = self._load(pretrained, args["revision"], torch_dtype)
+        pipe = load_pipeline(pretrained, args["revision"], torch_dtype)
         if pipe.tokenizer is None:
             raise ValueError("`pretrained` has no tokenizer; lm-eval passes text, so DFMLM needs one.")
         config = pipe.model.config
@@ -223,28 +171,8 @@ class DFMLM(LM):
         self._kappa = paths.get_kappa_schedule(
             saved.get("kappa_schedule", "polynomial"), saved.get("kappa_exponent", 1.0)
         )
-        scheduler = pipe.scheduler
         scheduler_preset = args["scheduler_preset"]
-        if scheduler_preset is not None:
-            if scheduler_preset not in pipe.scheduler_presets:
-                raise ValueError(
-                    f"`scheduler_preset` must be one of this pipeline's presets {sorted(pipe.scheduler_presets)}, "
-                    f"got {scheduler_preset!r}."
-                )
-            preset = pipe.scheduler_presets[scheduler_preset]
-            scheduler = type(preset).from_config(preset.config)
-        if args["block_length"] is not None:
-            if "block_length" not in inspect.signature(type(scheduler).__init__).parameters:
-                with_blocks = sorted(
-                    n
-                    for n, s in pipe.scheduler_presets.items()
-                    if "block_length" in inspect.signature(type(s).__init__).parameters
-                )
-                raise ValueError(
-                    f"`block_length` needs a scheduler with a block_length setting; {type(scheduler).__name__} has "
-                    f"none. Pick a `scheduler_preset` that has one: {with_blocks}."
-                )
-            scheduler = type(scheduler).from_config(scheduler.config, block_length=args["block_length"])
+        scheduler = select_scheduler(pipe, scheduler_preset, args["block_length"])
         if args["guidance_scale"] != 1.0 and "guidance_scale" not in inspect.signature(pipe.__call__).parameters:
             raise ValueError(
                 f"`guidance_scale`={args['guidance_scale']} needs a DFMPipeline that accepts guidance_scale; this "
@@ -262,7 +190,6 @@ class DFMLM(LM):
                 raise ValueError(f"`device` {device!r} cannot be used: {type(e).__name__}: {e}") from e
         self.model = self.pipe.model.eval()
         self.tokenizer = self.pipe.tokenizer
-        self._device = next(self.model.parameters()).device
         self.mc_num = args["mc_num"]
         self.batch_size = args["batch_size"]
         self.num_inference_steps = args["num_inference_steps"]
@@ -278,30 +205,6 @@ class DFMLM(LM):
         self.mask_token_id = int(self.pipe.mask_token_id)
         self.pretrained_name = pretrained if isinstance(pretrained, str) else pipe.config.get("_name_or_path", "")
         self._warned: set[str] = set()
-
-    # ------------------------------------------------------------------ loading
-    @staticmethod
-    def _load(pretrained: Any, revision: Optional[str], dtype: Optional[torch.dtype]) -> DFMPipeline:
-        if isinstance(pretrained, DFMPipeline):
-            if dtype is not None:
-                pretrained.model.to(dtype)
-            return pretrained
-        if not isinstance(pretrained, str):
-            raise ValueError(
-                f"`pretrained` must be a folder, a Hub repo id or a DFMPipeline, got {type(pretrained).__name__}."
-            )
-        pretrained = os.path.expanduser(pretrained)
-        kwargs: dict[str, Any] = {}
-        if revision:
-            kwargs["revision"] = revision
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        try:
-            return DFMPipeline.from_pretrained(pretrained, **kwargs)
-        except Exception as e:  # a missing folder, an unknown Hub id, a broken checkpoint
-            raise ValueError(
-                f"`pretrained` {pretrained!r} could not be loaded as a DFM pipeline: {type(e).__name__}: {e}"
-            ) from e
 
     # ------------------------------------------------------------------ lm-eval plumbing
     @property
@@ -412,141 +315,26 @@ class DFMLM(LM):
             )
 
     def windows(self, ids: Sequence[int], start: int) -> list[tuple[list[int], int]]:
-        """Cut the scoring of ``ids[start:]`` (given ``ids[:start]``) into windows of at most ``max_length`` tokens.
+        """The scoring of ``ids[start:]`` cut into windows of at most ``max_length`` tokens (see
+        :func:`dfm_hf.evaluation.elbo.windows`)."""
+        return elbo.windows(ids, start, self.max_length)
 
-        Returns ``(window ids, first scored index in the window)`` pairs. Each window scores the next ``c`` tokens
-        given the ``max_length - c`` tokens before them (fewer at the start of the text), where
-        ``c = min(tokens left, max_length - min(tokens before, max_length // 2))``: a text that fits is one window
-        with all of its context; a longer one is scored in chunks of half a window, each conditioned on the half
-        window before it. The sum of the windows' ELBOs bounds the log-likelihood of the text under the model
-        restricted to that context (the chain rule, as lm-eval's rolling windows do for causal LMs).
-        """
-        length = self.max_length
-        ids = list(ids)
-        out = []
-        a = start
-        while a < len(ids):
-            c = min(len(ids) - a, length - min(a, length // 2))
-            lo = max(0, a + c - length)
-            out.append((ids[lo : a + c], a - lo))
-            a += c
-        return out
-
-    def _time_of_ratio(self, ratio: torch.Tensor) -> torch.Tensor:
-        """Model time ``t`` with ``1 - kappa_t = ratio`` (mask ratio), by bisection on the scheduler's kappa."""
-        lo, hi = torch.zeros_like(ratio), torch.ones_like(ratio)
-        target = 1.0 - ratio
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            below = self._kappa.kappa(mid) < target
-            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-        return (lo + hi) / 2
-
-    def _draw_masks(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(masked (mc_num, n) bool, weight (mc_num,), mask ratio (mc_num,))`` of one window's draws."""
-        mc = self.mc_num
-        if self.estimator == "count":
-            count = torch.randint(1, n + 1, (mc,), generator=generator)
-            ranks = torch.rand((mc, n), generator=generator).argsort(1).argsort(1)
-            masked = ranks < count[:, None]
-            ratio = count.double() / n
-            return masked, n / count.double(), ratio
-        ratio = 1.0 - torch.rand(mc, generator=generator, dtype=torch.float64)  # in (0, 1]
-        masked = torch.rand((mc, n), generator=generator, dtype=torch.float64) < ratio[:, None]
-        return masked, 1.0 / ratio, ratio
-
-    @torch.no_grad()
     def _score(
-        self,
-        items: list[tuple[list[tuple[list[int], int]], torch.Generator]],
-        greedy: bool,
-        desc: str,
-        disable_tqdm: bool,
+        self, items: list[tuple[list[tuple[list[int], int]], torch.Generator]], greedy: bool, desc: str, disable: bool
     ) -> tuple[list[torch.Tensor], list[bool]]:
-        """Per item (its windows and generator): the ``mc_num`` per-draw ELBO estimates (nats, summed over the
-        windows) and whether greedy unmasking of each fully masked window gives it back."""
-        masks, weights, ratios, targets, owner = [], [], [], [], []
-        for item_index, (windows, generator) in enumerate(items):
-            for ids, start in windows:
-                n = len(ids) - start
-                m, w, r = self._draw_masks(n, generator)
-                masks.append(m)
-                weights.append(w)
-                ratios.append(r)
-                targets.append((torch.tensor(ids, dtype=torch.long), start))
-                owner.append(item_index)
-        # rows: (window, draw) with draw -1 = the greedy check (everything masked); long windows first
-        order = sorted(range(len(targets)), key=lambda w: -targets[w][0].shape[0])
-        rows = [(w, j) for w in order for j in ([-1] if greedy else []) + list(range(self.mc_num))]
-        values = [torch.zeros(self.mc_num, dtype=torch.float64) for _ in targets]
-        wrong = [0] * len(targets)
-        remaining = [0] * len(items)
-        for w in range(len(targets)):
-            remaining[owner[w]] += self.mc_num + (1 if greedy else 0)
-        done_items = sum(1 for left in remaining if left == 0)  # nothing to score (empty continuations)
-        bar = tqdm(total=len(items), desc=desc, disable=disable_tqdm, file=sys.stderr, dynamic_ncols=True)
-        bar.n = done_items
-        for b0 in range(0, len(rows), self.batch_size):
-            batch = rows[b0 : b0 + self.batch_size]
-            width = max(targets[w][0].shape[0] for w, _ in batch)
-            clean = torch.full((len(batch), width), self.mask_token_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            keep = torch.zeros((len(batch), width), dtype=torch.bool)
-            ratio = torch.ones(len(batch), dtype=torch.float64)
-            for r, (w, j) in enumerate(batch):
-                ids, start = targets[w]
-                end = ids.shape[0]
-                clean[r, :end] = ids
-                attention[r, :end] = 1
-                if j < 0:
-                    keep[r, start:end] = True
-                else:
-                    keep[r, start:end] = masks[w][j]
-                    ratio[r] = ratios[w][j]
-            if bool(keep.any()):
-                x = clean.masked_fill(keep, self.mask_token_id)
-                timesteps = None
-                if self.time_conditioned:
-                    timesteps = self._time_of_ratio(ratio).float().to(self._device)
-                logits = self.model(
-                    input_ids=x.to(self._device),
-                    timesteps=timesteps,
-                    attention_mask=None if bool(attention.all()) else attention.to(self._device),
-                    logits_to_keep=keep.to(self._device),
-                ).logits
-                gold = clean[keep].to(self._device)
-                nll = torch.empty(gold.shape[0], dtype=torch.float64)
-                miss = torch.empty(gold.shape[0], dtype=torch.bool)
-                for k0 in range(0, gold.shape[0], _LOGSOFTMAX_ROWS):
-                    part = logits[k0 : k0 + _LOGSOFTMAX_ROWS].float()
-                    g = gold[k0 : k0 + _LOGSOFTMAX_ROWS]
-                    picked = part.gather(1, g[:, None]).squeeze(1)
-                    nll[k0 : k0 + part.shape[0]] = (torch.logsumexp(part, -1) - picked).double().cpu()
-                    miss[k0 : k0 + part.shape[0]] = (part.argmax(-1) != g).cpu()
-                del logits
-                row_of = keep.nonzero()[:, 0]
-                per_row = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, row_of, nll)
-                misses = torch.zeros(len(batch), dtype=torch.long).index_add_(0, row_of, miss.long())
-            else:
-                per_row = torch.zeros(len(batch), dtype=torch.float64)
-                misses = torch.zeros(len(batch), dtype=torch.long)
-            for r, (w, j) in enumerate(batch):
-                if j < 0:
-                    wrong[w] += int(misses[r])
-                else:
-                    values[w][j] = weights[w][j] * per_row[r]
-                remaining[owner[w]] -= 1
-                if remaining[owner[w]] == 0:
-                    done_items += 1
-            bar.n = done_items
-            bar.refresh()
-        bar.close()
-        draws = [torch.zeros(self.mc_num, dtype=torch.float64) for _ in items]
-        is_greedy = [True] * len(items)
-        for w, item_index in enumerate(owner):
-            draws[item_index] += values[w]
-            is_greedy[item_index] = is_greedy[item_index] and wrong[w] == 0
-        return draws, is_greedy
+        """:func:`dfm_hf.evaluation.elbo.score_windows` with this model's settings."""
+        return elbo.score_windows(
+            self.model,
+            items,
+            mc_num=self.mc_num,
+            estimator=self.estimator,
+            batch_size=self.batch_size,
+            mask_token_id=self.mask_token_id,
+            kappa=self._kappa if self.time_conditioned else None,
+            greedy=greedy,
+            desc=desc,
+            disable_tqdm=disable,
+        )
 
     def _generator(self, *key: Any) -> torch.Generator:
         return torch.Generator().manual_seed(row_seed(self.seed, _digest(*key), 0, 0))
@@ -561,24 +349,10 @@ class DFMLM(LM):
         ``context_ids``; their mean is what :meth:`loglikelihood` returns (negated), their std / sqrt(mc_num) its
         standard error.
 
-        With ``x`` the continuation (``n`` tokens) and ``L(S) = sum_{i in S} -log p(x_i | context, x with S masked)``
-        (``p`` = the model's ``p_{1|t}`` at the masked positions), the negative ELBO is
-
-            NELBO = sum_{S nonempty} L(S) / (|S| * C(n, |S|))
-
-        and ``-NELBO <= log p(x | context)`` for the model's generative process: a bound, not the exact
-        log-likelihood. Both estimators are unbiased for it:
-
-        * ``"count"`` (LLaDA): ``l ~ U{1..n}``, ``S`` = ``l`` positions drawn uniformly, value ``(n / l) L(S)``;
-          finite variance. It is the ``"ratio"`` estimator with ``1/t`` replaced by its expectation given the
-          number of masked tokens (Rao-Blackwell), minus its draws that mask nothing: lower variance.
-        * ``"ratio"`` (MDLM-style continuous time): ``t ~ U(0, 1]``, each token masked with probability ``t``,
-          value ``L(S) / t`` (0 when nothing is masked); a time-conditioned model is given the time whose
-          ``1 - kappa`` is ``t``. Its variance is infinite (log-divergent, from one masked token at small ``t``):
-          its error still shrinks with ``mc_num``, slightly slower than ``1/sqrt(mc_num)``.
-
-        Long inputs are cut by :meth:`windows`; a draw is the sum of the windows' draws. Without ``generator`` the
-        draws are seeded by (seed, the two id lists).
+        The NELBO and the two estimators (``"count"``, ``"ratio"``) are defined in :mod:`dfm_hf.evaluation.elbo`;
+        ``-NELBO`` is a lower bound on ``log p(continuation | context)``, not the exact log-likelihood. Long inputs
+        are cut by :meth:`windows`; a draw is the sum of the windows' draws. Without ``generator`` the draws are
+        seeded by (seed, the two id lists).
         """
         self._check_scoring()
         context_ids, continuation_ids = list(context_ids), list(continuation_ids)
@@ -586,7 +360,7 @@ class DFMLM(LM):
             return torch.zeros(self.mc_num, dtype=torch.float64)
         windows = self.windows(context_ids + continuation_ids, len(context_ids))
         generator = generator or self._generator("elbo_draws", context_ids, continuation_ids)
-        draws, _ = self._score([(windows, generator)], greedy=False, desc="", disable_tqdm=True)
+        draws, _ = self._score([(windows, generator)], False, "", True)
         return draws[0]
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -631,45 +405,6 @@ class DFMLM(LM):
         return out
 
     # ------------------------------------------------------------------ generation
-    def _generation_settings(self, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
-        """``until``, ``gen_length`` and the sampling overrides of one group of requests."""
-        if not isinstance(gen_kwargs, dict):
-            raise ValueError(f"generate_until gen_kwargs must be a dict, got {type(gen_kwargs).__name__}.")
-        unknown = sorted(k for k in gen_kwargs if k not in GEN_KWARGS)
-        if unknown:
-            self._warn_once(f"gen_kwargs:{unknown}", f"dfm_hf: generate_until ignores gen_kwargs {unknown}.")
-        until = gen_kwargs.get("until") or []
-        if isinstance(until, str):
-            until = [until]
-        if not isinstance(until, (list, tuple)) or not all(isinstance(s, str) for s in until):
-            raise ValueError(f"gen_kwargs `until` must be a string or a list of strings, got {until!r}.")
-        cap = gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_new_tokens"))
-        gen_length = self.gen_length
-        if cap is not None:
-            cap = _coerce("max_gen_toks", cap, int)
-            if cap < 1:
-                raise ValueError(f"gen_kwargs `max_gen_toks` must be >= 1, got {cap}.")
-            gen_length = min(gen_length, cap)
-        if gen_length >= self.max_length:
-            raise ValueError(
-                f"`gen_length` ({gen_length}) leaves no room for a prompt in max_length={self.max_length} positions."
-            )
-        temperature = self.temperature
-        if temperature is None:
-            if gen_kwargs.get("do_sample") is False:
-                temperature = 0.0
-            elif gen_kwargs.get("temperature") is not None:
-                temperature = _coerce("temperature", gen_kwargs["temperature"], float)
-        call: dict[str, Any] = {}
-        if temperature is not None:
-            call["temperature"] = temperature
-        for key, kind in (("top_k", int), ("top_p", float)):
-            if gen_kwargs.get(key) is not None:
-                call[key] = _coerce(key, gen_kwargs[key], kind)
-        if self.guidance_scale != 1.0:
-            call["guidance_scale"] = self.guidance_scale
-        return {"until": [s for s in until if s], "gen_length": gen_length, "call": call}
-
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Generate ``gen_length`` tokens (capped by the task's ``max_gen_toks``) after each context with the
         pipeline; the text is cut at the first EOS and at the first of the task's ``until`` strings.
@@ -690,7 +425,14 @@ class DFMLM(LM):
             dynamic_ncols=True,
         )
         for indices in groups.values():
-            settings = self._generation_settings(requests[indices[0]].args[1])
+            settings = generation_settings(
+                requests[indices[0]].args[1],
+                gen_length=self.gen_length,
+                max_length=self.max_length,
+                temperature=self.temperature,
+                guidance_scale=self.guidance_scale,
+                warn=self._warn_once,
+            )
             gen_length = settings["gen_length"]
             room = self.max_length - gen_length
             # similar prompt lengths together (less padding); the order does not change any text
@@ -723,74 +465,3 @@ class DFMLM(LM):
     def _context_ids(self, context: str) -> list[int]:
         bos = self.tokenizer.bos_token_id
         return ([int(bos)] if bos is not None else []) + (self.tok_encode(context) if context else [])
-
-
-def _coerce_all(values: dict[str, Any]) -> dict[str, Any]:
-    """The constructor's arguments converted to their annotated types (``pretrained`` and extras untouched)."""
-    hints = typing.get_type_hints(DFMLM.__init__)
-    out = {}
-    for name, value in values.items():
-        if name in ("self", "unknown", "pretrained", "__class__") or name not in hints:
-            continue
-        out[name] = _coerce(name, value, hints[name])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- command line
-_USAGE = f"""usage: dfm-hf lm-eval [--model_args pretrained=PATH_OR_HUB_ID,mc_num=N,...] --tasks TASK [...]
-                      [lm-eval options]
-
-Runs lm-eval's `run` with --model dfm_hf and --include_path {TASKS_PATH}
-(shipped offline tasks: {", ".join(TASK_NAMES)}; tag {TAG}). Every other option goes to lm-eval unchanged
-(--limit, --num_fewshot, --output_path, --log_samples, --confirm_run_unsafe_code, --apply_chat_template, ...).
-Without pretrained=, the bundled model is used; without --batch_size, 32 rows per forward pass (lm-eval's own
-default is 1); without --device, CUDA when available, else the CPU. DFMLM model arguments: mc_num, batch_size,
-num_inference_steps, gen_length, block_length, guidance_scale, scheduler_preset, temperature, device, dtype, seed,
-estimator, max_length, revision.
-"""
-
-
-def _has_option(argv: Sequence[str], *names: str) -> bool:
-    return any(a in names or any(a.startswith(n + "=") for n in names) for a in argv)
-
-
-def cli_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``dfm-hf lm-eval``: lm-eval's own command line with ``--model dfm_hf`` and the shipped tasks.
-
-    Raises ``ValueError`` (the dfm-hf CLI turns it into exit code 2) for ``--model`` (set here) and
-    ``--include_path`` (set here: pass your own task YAML files as ``--tasks`` paths instead).
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if _has_option(argv, "-h", "--help"):
-        print(_USAGE, file=sys.stderr)
-        argv = ["--help"]
-    if _has_option(argv, "--model", "-M"):
-        raise ValueError(
-            "`--model` is set by dfm-hf lm-eval (dfm_hf); pass the pipeline as --model_args pretrained=..."
-        )
-    if _has_option(argv, "--include_path"):
-        raise ValueError(
-            f"`--include_path` is set by dfm-hf lm-eval to the shipped tasks ({TASKS_PATH}); pass your own task "
-            "YAML files as --tasks paths (lm-eval accepts them) or run lm-eval itself after importing "
-            "dfm_hf.evaluation.harness."
-        )
-    if argv != ["--help"]:
-        # repeated --model_args merge in lm-eval's parser: ours first, the caller's win
-        if not any("pretrained" in a for a in argv):
-            from ..bundled_model import require_bundled_model
-
-            argv = ["--model_args", f"pretrained={require_bundled_model()}"] + argv
-        if not _has_option(argv, "--batch_size", "-b"):
-            argv = ["--batch_size", "32"] + argv
-        if not _has_option(argv, "--device"):  # lm-eval's default is "cuda" even where there is none
-            argv = ["--device", "cuda" if torch.cuda.is_available() else "cpu"] + argv
-    from lm_eval._cli import HarnessCLI
-
-    saved = sys.argv
-    sys.argv = ["lm-eval", "run", "--model", "dfm_hf", "--include_path", TASKS_PATH, *argv]
-    try:
-        parser = HarnessCLI()
-        parser.execute(parser.parse_args())
-    finally:
-        sys.argv = saved
-    return 0

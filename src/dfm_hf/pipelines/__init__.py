@@ -1,6 +1,5 @@
-"""Pipelines: `DFMPipeline` and its scheduler presets and LoRA helpers."""
+"""Pipelines: `DFMPipeline` (the call loop), its model runner, loading policy, LoRA helpers and released models."""
 
 from .pipeline_dfm import DFMPipeline, DFMPipelineOutput
-from .presets import PRESET_SPECS, default_scheduler_presets
 
-__all__ = ["DFMPipeline", "DFMPipelineOutput", "PRESET_SPECS", "default_scheduler_presets"]
+__all__ = ["DFMPipeline", "DFMPipelineOutput"]

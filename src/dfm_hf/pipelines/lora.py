@@ -11,6 +11,8 @@ helpers call peft directly. Adapter weights are read from safetensors only.
 
 A load either succeeds or leaves the model exactly as it was (modules, weights, ``requires_grad`` flags, the
 adapter configs): adapter weights missing for an injected module or not fitting the model raise, naming the keys.
+Nothing but peft's own state is kept on the model: the ``requires_grad`` flags the base parameters had before the
+first adapter (peft freezes them on injection) are kept by the pipeline and handed back to :func:`unload_lora_weights`.
 """
 
 from __future__ import annotations
@@ -19,17 +21,23 @@ import contextlib
 import copy
 import json
 import os
+import weakref
 from collections.abc import Iterator
 from typing import Any, Optional, Union
 
 import torch
 from safetensors.torch import load_file
 
-from ..hub.download import ADAPTER_CONFIG, ADAPTER_WEIGHTS, download_snapshot, local_adapter_files
+from ..hub.download import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    DOWNLOAD_ARGUMENTS,
+    download_snapshot,
+    is_repo_id,
+    local_adapter_files,
+)
 
 __all__ = [
-    "ADAPTER_CONFIG",
-    "ADAPTER_WEIGHTS",
     "DFMLoraLoaderMixin",
     "adapter_names",
     "clean_model_for_saving",
@@ -39,15 +47,11 @@ __all__ = [
     "fuse_lora",
     "get_active_adapters",
     "load_lora_weights",
-    "local_adapter_files",
+    "requires_grad_flags",
     "set_adapters",
     "unfuse_lora",
     "unload_lora_weights",
 ]
-
-#: Attribute of the model holding the ``requires_grad`` flags its parameters had before the first adapter was
-#: injected (peft freezes the base weights on injection); restored when the last adapter goes.
-_BASE_REQUIRES_GRAD = "_dfm_lora_base_requires_grad"
 
 
 def _tuner_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -61,6 +65,11 @@ def adapter_names(model: torch.nn.Module) -> list[str]:
     return list(getattr(model, "peft_config", {}) or {})
 
 
+def requires_grad_flags(model: torch.nn.Module) -> dict[str, bool]:
+    """``{parameter name: requires_grad}`` of ``model`` (what :func:`unload_lora_weights` can restore)."""
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
 def _resolve_adapter_files(path_or_repo: str, **kwargs: Any) -> tuple[str, str]:
     if os.path.isdir(path_or_repo):
         return local_adapter_files(
@@ -68,11 +77,10 @@ def _resolve_adapter_files(path_or_repo: str, **kwargs: Any) -> tuple[str, str]:
             "pretrained_model_name_or_path",
             "a PEFT LoRA adapter folder holds adapter_config.json and adapter_model.safetensors",
         )
-    if path_or_repo.startswith(("/", ".", "~")) or path_or_repo.count("/") > 1 or not path_or_repo.strip():
+    if not is_repo_id(path_or_repo):
         raise ValueError(f"`pretrained_model_name_or_path` {path_or_repo!r} is neither a folder nor a Hub repo id.")
     # one snapshot: both files come from the same commit even if the branch moves meanwhile
-    keys = ("revision", "cache_dir", "token", "local_files_only", "force_download")
-    hub = {k: kwargs[k] for k in keys if k in kwargs}
+    hub = {k: kwargs[k] for k in DOWNLOAD_ARGUMENTS if k in kwargs}
     folder = download_snapshot(path_or_repo, [ADAPTER_CONFIG, ADAPTER_WEIGHTS], what="LoRA adapter", **hub)
     config, weights = os.path.join(folder, ADAPTER_CONFIG), os.path.join(folder, ADAPTER_WEIGHTS)
     for f in (config, weights):
@@ -154,8 +162,6 @@ def load_lora_weights(
     except BaseException:
         before.restore(model, name)
         raise
-    if not hasattr(model, _BASE_REQUIRES_GRAD):
-        setattr(model, _BASE_REQUIRES_GRAD, before.requires_grad)
     return name
 
 
@@ -166,7 +172,7 @@ class _Snapshot:
     def __init__(self, model: torch.nn.Module) -> None:
         self.layers = {n: list(layer.active_adapters) for n, layer in _tuner_layers(model)}
         self.configs = dict(model.peft_config) if hasattr(model, "peft_config") else None
-        self.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        self.requires_grad = requires_grad_flags(model)
 
     def restore(self, model: torch.nn.Module, name: str) -> None:
         for dotted, layer in _tuner_layers(model):
@@ -265,16 +271,19 @@ def disable_lora(model: torch.nn.Module) -> None:
     enable_lora(model, False)
 
 
-def delete_adapters(model: torch.nn.Module, names: Union[str, list[str]]) -> None:
+def delete_adapters(
+    model: torch.nn.Module, names: Union[str, list[str]], requires_grad: Optional[dict[str, bool]] = None
+) -> None:
     """Remove the adapters ``names`` (the others stay loaded and active as they were); deleting the last adapter
-    restores the base model exactly, as :func:`unload_lora_weights` does. Fused adapters must be unfused first."""
+    restores the base model, as :func:`unload_lora_weights` does (with ``requires_grad``). Fused adapters must be
+    unfused first."""
     names = _names_arg(names, "adapter_names", model)
     layers = _tuner_layers(model)
     fused = sorted({n for _, layer in layers for n in layer.merged_adapters if n in names})
     if fused:
         raise ValueError(f"`adapter_names` {fused} are fused: call `unfuse_lora()` before deleting them.")
     if set(names) >= set(adapter_names(model)):
-        unload_lora_weights(model)
+        unload_lora_weights(model, requires_grad)
         return
     active = [n for n in get_active_adapters(model) if n not in names]
     for _, layer in layers:
@@ -288,9 +297,10 @@ def delete_adapters(model: torch.nn.Module, names: Union[str, list[str]]) -> Non
         model.peft_config.pop(n, None)
 
 
-def unload_lora_weights(model: torch.nn.Module) -> None:
-    """Replace every LoRA layer by its base layer (unmerging first), forget the adapter configs and give the
-    parameters back the ``requires_grad`` flags they had before the first adapter was loaded."""
+def unload_lora_weights(model: torch.nn.Module, requires_grad: Optional[dict[str, bool]] = None) -> None:
+    """Replace every LoRA layer by its base layer (unmerging first) and forget the adapter configs; the parameters
+    named in ``requires_grad`` (the :func:`requires_grad_flags` taken before the first adapter was loaded) get their
+    flags back."""
     for name, layer in _tuner_layers(model):
         if layer.merged:
             layer.unmerge()
@@ -299,12 +309,9 @@ def unload_lora_weights(model: torch.nn.Module) -> None:
         del model.peft_config
     if getattr(model, "_hf_peft_config_loaded", False):
         model._hf_peft_config_loaded = False
-    flags = getattr(model, _BASE_REQUIRES_GRAD, None)
-    if flags is not None:
-        for n, p in model.named_parameters():
-            if n in flags:
-                p.requires_grad_(flags[n])
-        delattr(model, _BASE_REQUIRES_GRAD)
+    for n, p in model.named_parameters():
+        if requires_grad and n in requires_grad:
+            p.requires_grad_(requires_grad[n])
 
 
 def _replace(root: torch.nn.Module, dotted: str, new: torch.nn.Module) -> None:
@@ -334,8 +341,6 @@ def clean_model_for_saving(pipe: Any) -> Iterator[None]:
         _replace(clean, name, layer.get_base_layer())
     if hasattr(clean, "peft_config"):
         del clean.peft_config
-    if hasattr(clean, _BASE_REQUIRES_GRAD):
-        delattr(clean, _BASE_REQUIRES_GRAD)
     pipe.register_modules(model=clean)
     try:
         yield
@@ -346,9 +351,20 @@ def clean_model_for_saving(pipe: Any) -> Iterator[None]:
 class DFMLoraLoaderMixin:
     """LoRA methods of a pipeline, diffusers style (``load_lora_weights``, ``set_adapters``, ``fuse_lora``, ...):
     each acts on ``self.model`` in place, through peft's API. Adapters are PEFT LoRA folders or Hub repos
-    (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    The pipeline keeps the ``requires_grad`` flags of its model from before the first adapter was loaded, and gives
+    them back when the last adapter goes (unload, or delete of the last one).
+    """
 
     model: torch.nn.Module
+    #: (weak reference to the model, its ``requires_grad`` flags before the first adapter), or None
+    _lora_base_flags: Optional[tuple[Any, dict[str, bool]]] = None
+
+    def _base_requires_grad(self) -> Optional[dict[str, bool]]:
+        """The flags kept for ``self.model`` (None when they were taken for another model, or never)."""
+        kept = self._lora_base_flags
+        return kept[1] if kept is not None and kept[0]() is self.model else None
 
     def load_lora_weights(
         self, pretrained_model_name_or_path: Union[str, os.PathLike], adapter_name: Optional[str] = None, **kwargs: Any
@@ -360,7 +376,10 @@ class DFMLoraLoaderMixin:
         that does not fit (weights missing for an injected module, unexpected keys) raises ``ValueError`` naming the
         keys; a failed load leaves the model exactly as it was.
         """
+        flags = None if adapter_names(self.model) else requires_grad_flags(self.model)
         load_lora_weights(self.model, str(pretrained_model_name_or_path), adapter_name, **kwargs)
+        if flags is not None:
+            self._lora_base_flags = (weakref.ref(self.model), flags)
 
     def set_adapters(
         self, adapter_names: Union[str, list[str]], adapter_weights: Optional[Union[float, list[float]]] = None
@@ -378,11 +397,14 @@ class DFMLoraLoaderMixin:
 
     def unload_lora_weights(self) -> None:
         """Remove every adapter: the model becomes exactly the base model again (unfused adapters leave no trace)."""
-        unload_lora_weights(self.model)
+        unload_lora_weights(self.model, self._base_requires_grad())
+        self._lora_base_flags = None
 
     def delete_adapters(self, adapter_names: Union[str, list[str]]) -> None:
         """Remove the named adapters; the others stay loaded and active as they were (unfuse fused ones first)."""
-        delete_adapters(self.model, adapter_names)
+        delete_adapters(self.model, adapter_names, self._base_requires_grad())
+        if not _tuner_layers(self.model):  # the last one went: the base flags are back
+            self._lora_base_flags = None
 
     def disable_lora(self) -> None:
         """Switch every adapter off (the model computes the base model's outputs); :meth:`enable_lora` undoes it."""

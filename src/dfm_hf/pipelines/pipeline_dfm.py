@@ -10,10 +10,6 @@ the last step, decode.
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -23,14 +19,13 @@ from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
-from ..hub.download import HUB_OPTIONS
 from ..rng import check_generator, uniform_tokens_at
 from ..schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
+from ..schedulers.presets import default_scheduler_presets
 from ..schedulers.utils import validate_num_inference_steps
-from . import lora as lora_utils
 from .kv_cache import BlockCacheState, validate_kv_cache
+from .loading import DFMPipelineLoadingMixin
 from .lora import DFMLoraLoaderMixin
-from .presets import default_scheduler_presets, load_presets_from_folder, save_presets
 from .runner import ModelRunner
 
 OUTPUT_TYPES = ("text", "pt")
@@ -53,12 +48,14 @@ class DFMPipelineOutput(BaseOutput):
     nfe: int
 
 
-class DFMPipeline(DFMLoraLoaderMixin, DiffusionPipeline):
+class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline):
     """Pipeline pairing a :class:`~dfm_hf.DFMForMaskedGeneration`, a scheduler and a tokenizer.
 
     Components: ``model``, ``scheduler`` (:class:`~dfm_hf.DiscreteFlowScheduler` or
     :class:`~dfm_hf.ConfidenceUnmaskingScheduler`), ``tokenizer`` (optional; needed for text prompts and outputs).
     Named scheduler presets travel with the pipeline under ``scheduler_presets/<name>/scheduler_config.json``.
+    Loading and saving: :class:`~dfm_hf.pipelines.loading.DFMPipelineLoadingMixin`; LoRA adapters:
+    :class:`~dfm_hf.pipelines.lora.DFMLoraLoaderMixin`.
     """
 
     model_cpu_offload_seq = "model"
@@ -70,163 +67,7 @@ class DFMPipeline(DFMLoraLoaderMixin, DiffusionPipeline):
         self.register_modules(model=model, scheduler=scheduler, tokenizer=tokenizer)
         self.scheduler_presets: dict[str, Any] = default_scheduler_presets(scheduler)
 
-    # ------------------------------------------------------------------ loading and saving
-    def register_modules(self, **kwargs: Any) -> None:
-        """Register components; dfm_hf classes are recorded as ``["dfm_hf", ClassName]`` in model_index.json
-        (diffusers would record the private module path, which would tie checkpoints to our file layout)."""
-        super().register_modules(**kwargs)
-        self._record_public_library(list(kwargs))
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name in ("model", "scheduler", "tokenizer") and hasattr(self, "_internal_dict"):
-            self._record_public_library([name])
-
-    def _record_public_library(self, names: list[str]) -> None:
-        fixed = {}
-        for name in names:
-            entry = self.config.get(name)
-            if isinstance(entry, (list, tuple)) and entry[0] and str(entry[0]).startswith("dfm_hf."):
-                fixed[name] = ("dfm_hf", entry[1])
-        if fixed:
-            self.register_to_config(**fixed)
-
-    @classmethod
-    def download(cls, pretrained_model_name: str, **kwargs: Any) -> str:
-        """Fetch a pipeline repo from the Hub with ``huggingface_hub.snapshot_download`` and return its folder.
-
-        diffusers' own ``download`` rejects third-party components; this one fetches only safe files (json,
-        safetensors, tokenizer files, scheduler presets, the card: ``dfm_hf.hub.download.PIPELINE_ALLOW_PATTERNS``).
-        Pickled weights are fetched only with ``allow_pickle=True``; a repo with nothing else raises ``ValueError``.
-        The download arguments of :data:`DOWNLOAD_KWARGS` are passed on; other failures raise an ``OSError`` naming
-        the repo, revision and file (see ``dfm_hf.hub.download.download_pipeline``).
-        """
-        from ..hub.download import download_pipeline
-
-        return download_pipeline(
-            pretrained_model_name, allow_pickle=bool(kwargs.pop("allow_pickle", False)), **_download_kwargs(kwargs)
-        )
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs: Any) -> DFMPipeline:
-        """Load a pipeline from a folder or a Hub repo id (``revision=``, ``dtype=``, ``device_map=`` work).
-
-        A saved DFM pipeline has a ``model_index.json``. A folder or repo without one that holds a released
-        diffusion LM (LLaDA, Dream, DiffuCoder: ``config.json`` with ``model_type`` "llada" / "Dream") is converted
-        on load: model, its tokenizer (mask token set from the model's mask id), the family's default scheduler and
-        presets (see :mod:`dfm_hf.pipelines.released`). Weights load from safetensors only; pass
-        ``allow_pickle=True`` to accept a ``pytorch_model.bin`` (``use_safetensors=False`` needs it too). The
-        download arguments of :data:`DOWNLOAD_KWARGS` reach the Hub client. A missing folder, file or component
-        raises ``OSError`` naming it.
-        """
-        name = str(pretrained_model_name_or_path)
-        allow_pickle = bool(kwargs.pop("allow_pickle", False))
-        if kwargs.get("use_safetensors") is False and not allow_pickle:
-            raise ValueError(
-                "`use_safetensors`=False loads pickled weights, which can run code: pass `allow_pickle=True` too "
-                "(only for a source you trust)."
-            )
-        if not os.path.isdir(name) and (name.startswith(("/", ".", "~")) or name.count("/") > 1 or not name.strip()):
-            raise OSError(f"`pretrained_model_name_or_path` {name!r} is neither an existing folder nor a Hub repo id.")
-        if os.path.isdir(name):
-            folder: Optional[str] = name if os.path.isfile(os.path.join(name, "model_index.json")) else None
-        else:
-            folder = None if not _repo_has_model_index(name, kwargs) else "download"
-        if folder is None:
-            return cls._from_released(name, allow_pickle=allow_pickle, **kwargs)
-        if folder == "download":
-            folder = cls.download(name, allow_pickle=allow_pickle, **kwargs)
-        for key in DOWNLOAD_KWARGS:
-            kwargs.pop(key, None)
-        _check_no_pickle(folder, allow_pickle)
-        _check_components_present(folder, name)
-        kwargs.setdefault("use_safetensors", None if allow_pickle else True)  # None: safetensors first, else pickle
-        pipe = super().from_pretrained(folder, **kwargs)
-        pipe.register_to_config(_name_or_path=name)
-        pipe.scheduler_presets = {**default_scheduler_presets(pipe.scheduler), **load_presets_from_folder(folder)}
-        return pipe
-
-    @classmethod
-    def _from_released(cls, name: str, **kwargs: Any) -> DFMPipeline:
-        """A pipeline around a released diffusion LM converted on load (no ``model_index.json``)."""
-        from .released import released_pipeline_components
-
-        components = released_pipeline_components(name, **kwargs)
-        return cls._from_components(components, name)
-
-    @classmethod
-    def _from_components(cls, components: dict[str, Any], name: str) -> DFMPipeline:
-        pipe = cls(model=components["model"], scheduler=components["scheduler"], tokenizer=components["tokenizer"])
-        pipe.register_to_config(_name_or_path=name)
-        pipe.scheduler_presets = {**pipe.scheduler_presets, **components.get("scheduler_presets", {})}
-        return pipe
-
-    @classmethod
-    def from_causal_lm(
-        cls,
-        pretrained_model_name_or_path_or_model: Any,
-        mask_token: str = "<|mask|>",
-        mask_token_id: Optional[int] = None,
-        tokenizer: Any = None,
-        **load_kwargs: Any,
-    ) -> DFMPipeline:
-        """A pipeline around :meth:`DFMForMaskedGeneration.from_causal_lm` (Llama / Mistral / Qwen2 families): the
-        converted model, the causal LM's tokenizer with the mask token added (or ``mask_token_id`` reused), the
-        default scheduler and the shipped presets. ``load_kwargs`` reach transformers (``gguf_file=``,
-        ``revision=``, ``dtype=``). The result needs diffusion adaptation training (``dfm-hf train
-        --init_from_causal_lm``) before it generates well.
-        """
-        from .released import causal_lm_pipeline_components
-
-        components = causal_lm_pipeline_components(
-            pretrained_model_name_or_path_or_model,
-            mask_token=mask_token,
-            mask_token_id=mask_token_id,
-            tokenizer=tokenizer,
-            **load_kwargs,
-        )
-        source = pretrained_model_name_or_path_or_model
-        name = source if isinstance(source, (str, os.PathLike)) else type(source).__name__
-        return cls._from_components(components, str(name))
-
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
-        """Save model, scheduler, tokenizer and scheduler presets; each file lands atomically (temp, then rename).
-
-        Unfused LoRA adapters raise a ``ValueError`` (fuse them with :meth:`fuse_lora` or unload them first);
-        fused ones are saved merged into the base weights.
-        """
-        push_to_hub = kwargs.pop("push_to_hub", False)
-        repo_id = kwargs.pop("repo_id", None)
-        os.makedirs(save_directory, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=save_directory)
-        try:
-            with lora_utils.clean_model_for_saving(self):
-                super().save_pretrained(tmp, **kwargs)
-            save_presets(self.scheduler_presets, tmp)
-            _move_tree(tmp, str(save_directory))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if push_to_hub:
-            from ..hub import push_pipeline_folder
-
-            push_pipeline_folder(
-                self, str(save_directory), repo_id=repo_id or os.path.basename(save_directory), **kwargs
-            )
-
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
-        """Save into a temp folder and upload it to ``repo_id`` in one commit with a dfm_hf model card; returns the
-        ``CommitInfo``.
-
-        ``revision=`` pushes to a branch (created from ``main`` if needed); ``commit_message``, ``private``, ``token``
-        are passed on. ``training``, ``metrics``, ``datasets``, ``license``, ``limitations`` fill a fresh card
-        (``card=`` replaces it); without them, the card of the local folder the pipeline was loaded from is kept.
-        See :func:`dfm_hf.hub.push_pipeline_folder`.
-        """
-        from ..hub import push_pipeline_to_hub
-
-        return push_pipeline_to_hub(self, repo_id, **kwargs)
-
-    # ------------------------------------------------------------------ presets (LoRA: DFMLoraLoaderMixin)
+    # ------------------------------------------------------------------ presets
     def load_scheduler_preset(self, name: str) -> Any:
         """Replace ``self.scheduler`` by the named preset (see ``self.scheduler_presets``) and return it."""
         if name not in self.scheduler_presets:
@@ -238,6 +79,7 @@ class DFMPipeline(DFMLoraLoaderMixin, DiffusionPipeline):
     # ------------------------------------------------------------------ inputs
     @property
     def mask_token_id(self) -> int:
+        """The mask token id: the model's, or the scheduler's when the model config has none."""
         mask = getattr(self.model.config, "mask_token_id", None)
         if mask is None:
             mask = self.scheduler.config.mask_token_id
@@ -351,7 +193,8 @@ class DFMPipeline(DFMLoraLoaderMixin, DiffusionPipeline):
 
     @property
     def guidance_scale(self) -> float:
-        """Classifier-free guidance scale of the current (or last) call; a callback may change it between steps."""
+        """Classifier-free guidance scale of the current (or last) call (frozen for the call: the batch layout of the
+        guided forward depends on it)."""
         return getattr(self, "_guidance_scale", 1.0)
 
     @torch.no_grad()
@@ -377,7 +220,6 @@ class DFMPipeline(DFMLoraLoaderMixin, DiffusionPipeline):
         guidance_scale: float = 1.0,
         kv_cache: Optional[str] = None,
         kv_cache_refresh_steps: Optional[int] = None,
-        use_cache: Optional[bool] = None,
     ) -> Union[DFMPipelineOutput, tuple]:
         """Generate.
 
@@ -416,17 +258,18 @@ class DFMPipeline(DFMLoraLoaderMixin, DiffusionPipeline):
                 it is an approximation; ``kv_cache=None`` is the exact path.
             kv_cache_refresh_steps: with ``kv_cache``, also recompute the cache every ``k`` steps inside a block
                 (default: only when a block opens). ``1`` recomputes it every step (exact up to rounding).
-            use_cache: deprecated alias of ``skip_idle_steps``.
+
+        Every setting is read once, when the call starts: a callback changing the pipeline's attributes (its
+        scheduler, ``_guidance_scale``) affects the next call, never the batch layout or sampler of this one.
         """
-        if use_cache is not None:
-            _warn_use_cache()
-            skip_idle_steps = bool(use_cache)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}.")
         validate_num_inference_steps(num_inference_steps)
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-            raise ValueError(f"`guidance_scale` must be a finite number (1.0 = off), got {guidance_scale!r}.")
-        if not math.isfinite(guidance_scale):
+        if (
+            isinstance(guidance_scale, bool)
+            or not isinstance(guidance_scale, (int, float))
+            or not math.isfinite(guidance_scale)
+        ):
             raise ValueError(f"`guidance_scale` must be a finite number (1.0 = off), got {guidance_scale!r}.")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -464,6 +307,7 @@ class DFMPipeline(DFMLoraLoaderMixin, DiffusionPipeline):
             self.model, self.mask_token_id, attention, drop, skip_idle_steps, use_logits_to_keep, guidance_scale
         )
         kv_state = BlockCacheState(kv_cache, kv_cache_refresh_steps) if kv_cache else None
+        pad, tokenizer = self._pad_id(), self.tokenizer  # read once, like every setting of the call
         for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
             plan = scheduler.plan_step(sample, t, generator=generator, condition_mask=condition)
             if kv_state is not None:
@@ -480,8 +324,8 @@ class DFMPipeline(DFMLoraLoaderMixin, DiffusionPipeline):
                 sample = out.get("sample", sample)
         keep = (attention.bool() if padded else torch.ones_like(condition)) if return_full_text else generated
         sample, keep, generated = sample.cpu(), keep.cpu(), generated.cpu()
-        sequences = _pack_rows(sample, keep, self._pad_id())
-        texts = self._decode(sample, keep, generated) if output_type == "text" else None
+        sequences = _pack_rows(sample, keep, pad)
+        texts = _decode(tokenizer, sample, keep, generated) if output_type == "text" else None
         self.maybe_free_model_hooks()
         if not return_dict:
             return (sequences, texts, runner.nfe)
@@ -530,39 +374,6 @@ class DFMPipeline(DFMLoraLoaderMixin, DiffusionPipeline):
         pad = self.model.config.pad_token_id
         return self.mask_token_id if pad is None else pad
 
-    def _decode(self, sample: torch.Tensor, keep: torch.Tensor, generated: torch.Tensor) -> list[str]:
-        eos = self.tokenizer.eos_token_id
-        texts = []
-        for b in range(sample.shape[0]):
-            ids = sample[b]
-            cut = ids.shape[0]
-            if eos is not None:
-                # the completion is the generated tail after the last given token
-                given = (~generated[b] & keep[b]).nonzero()
-                tail_start = int(given[-1]) + 1 if given.numel() else 0
-                hits = ((ids == eos) & generated[b]).nonzero().squeeze(-1)
-                hits = hits[hits >= tail_start]
-                if hits.numel():
-                    cut = int(hits[0])
-            row = ids[:cut][keep[b, :cut]]
-            texts.append(self.tokenizer.decode(row.tolist(), skip_special_tokens=True))
-        return texts
-
-
-_USE_CACHE_WARNED = False
-
-
-def _warn_use_cache() -> None:
-    global _USE_CACHE_WARNED
-    if not _USE_CACHE_WARNED:
-        _USE_CACHE_WARNED = True
-        warnings.warn(
-            "`use_cache` of DFMPipeline.__call__ is deprecated: it never meant a key/value cache. Use "
-            "`skip_idle_steps` (same meaning); `kv_cache=` is the approximate key/value cache.",
-            FutureWarning,
-            stacklevel=4,
-        )
-
 
 def _pack_rows(sample: torch.Tensor, keep: torch.Tensor, pad: int) -> torch.Tensor:
     counts = keep.sum(1)
@@ -573,109 +384,21 @@ def _pack_rows(sample: torch.Tensor, keep: torch.Tensor, pad: int) -> torch.Tens
     return out
 
 
-#: Download arguments ``from_pretrained`` / ``download`` pass to the Hub client (``huggingface_hub``).
-DOWNLOAD_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies", *HUB_OPTIONS)
-
-
-def _download_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The download arguments of ``kwargs``; ``proxies`` is refused clearly (huggingface_hub >= 1.0 reads proxies
-    from the ``HTTP_PROXY`` / ``HTTPS_PROXY`` environment variables and has no such argument)."""
-    if kwargs.get("proxies") is not None:
-        raise ValueError(
-            "`proxies` is not supported by huggingface_hub >= 1.0: set the HTTP_PROXY / HTTPS_PROXY environment "
-            "variables instead."
-        )
-    return {k: kwargs[k] for k in DOWNLOAD_KWARGS if k in kwargs and k != "proxies"}
-
-
-def _repo_has_model_index(repo_id: str, kwargs: dict[str, Any]) -> bool:
-    """Whether Hub repo ``repo_id`` holds a ``model_index.json`` (a saved pipeline) rather than a bare model.
-
-    Anything but a definite "no such file" answers True, so that the pipeline download reports the error itself.
-    """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    hub = _download_kwargs(kwargs)
-    hub.pop("local_dir", None)
-    try:
-        hf_hub_download(repo_id, "model_index.json", **hub)
-        return True
-    except EntryNotFoundError:
-        return False
-    except LocalEntryNotFoundError:
-        try:  # offline: a cached bare model has its config.json in the cache
-            hf_hub_download(repo_id, "config.json", **{**hub, "local_files_only": True})
-            return False
-        except Exception:
-            return True
-    except Exception:
-        return True
-
-
-def _check_components_present(folder: str, name: str) -> None:
-    """Raise ``OSError`` naming the folder or file when a component ``model_index.json`` lists is missing."""
-    import json
-
-    path = os.path.join(folder, "model_index.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (OSError, ValueError) as err:
-        raise OSError(f"{path} of DFM pipeline {name!r} cannot be read: {err}") from err
-    if not isinstance(index, dict):
-        raise OSError(f"{path} of DFM pipeline {name!r} must hold a JSON object.")
-    needs = {"model": ("config.json",), "scheduler": ("scheduler_config.json",), "tokenizer": None}
-    for component, files in needs.items():
-        entry = index.get(component)
-        if not isinstance(entry, (list, tuple)) or entry[0] is None:
-            continue
-        sub = os.path.join(folder, component)
-        if not os.path.isdir(sub):
-            raise OSError(
-                f"DFM pipeline {name!r}: the {component!r} folder {sub} is missing (model_index.json lists it)."
-            )
-        if files is None:  # a tokenizer: at least its config and one vocabulary file
-            present = set(os.listdir(sub))
-            if "tokenizer_config.json" not in present:
-                raise OSError(f"DFM pipeline {name!r}: {os.path.join(sub, 'tokenizer_config.json')} is missing.")
-            vocab = (
-                "tokenizer.json",
-                "vocab.json",
-                "tokenizer.model",
-                "vocab.txt",
-                "spiece.model",
-                "sentencepiece.bpe.model",
-            )
-            if not present.intersection(vocab):
-                raise OSError(
-                    f"DFM pipeline {name!r}: the tokenizer folder {sub} has no vocabulary file (one of {list(vocab)})."
-                )
-            continue
-        for f in files:
-            if not os.path.isfile(os.path.join(sub, f)):
-                raise OSError(f"DFM pipeline {name!r}: {os.path.join(sub, f)} is missing.")
-
-
-def _check_no_pickle(folder: str, allow_pickle: bool) -> None:
-    if allow_pickle:
-        return
-    for root, _, files in os.walk(folder):
-        for f in files:
-            if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")):
-                safetensors = [g for g in files if g.endswith(".safetensors")]
-                if not safetensors:
-                    raise ValueError(
-                        f"{os.path.join(root, f)} is a pickle file and no safetensors weights sit beside it; "
-                        "pickles can run code on load. Pass `allow_pickle=True` only for a source you trust."
-                    )
-
-
-def _move_tree(src: str, dst: str) -> None:
-    """Move every file of ``src`` into ``dst`` with ``os.replace`` (atomic per file)."""
-    for root, _, files in os.walk(src):
-        rel = os.path.relpath(root, src)
-        target_dir = os.path.normpath(os.path.join(dst, rel))
-        os.makedirs(target_dir, exist_ok=True)
-        for f in files:
-            os.replace(os.path.join(root, f), os.path.join(target_dir, f))
+def _decode(tokenizer: Any, sample: torch.Tensor, keep: torch.Tensor, generated: torch.Tensor) -> list[str]:
+    """The text of each row's kept positions, cut at the first EOS the completion generated."""
+    eos = tokenizer.eos_token_id
+    texts = []
+    for b in range(sample.shape[0]):
+        ids = sample[b]
+        cut = ids.shape[0]
+        if eos is not None:
+            # the completion is the generated tail after the last given token
+            given = (~generated[b] & keep[b]).nonzero()
+            tail_start = int(given[-1]) + 1 if given.numel() else 0
+            hits = ((ids == eos) & generated[b]).nonzero().squeeze(-1)
+            hits = hits[hits >= tail_start]
+            if hits.numel():
+                cut = int(hits[0])
+        row = ids[:cut][keep[b, :cut]]
+        texts.append(tokenizer.decode(row.tolist(), skip_special_tokens=True))
+    return texts

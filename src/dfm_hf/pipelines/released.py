@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Union
 
-from ..models.conversion import (
+from ..conversion import (
     MODEL_ALLOW_PATTERNS,
     TOKENIZER_ALLOW_PATTERNS,
     convert_causal_lm,
@@ -155,7 +155,7 @@ def released_pipeline_components(
 ) -> dict[str, Any]:
     """``{"model", "tokenizer", "scheduler", "scheduler_presets"}`` for a LLaDA / Dream / DiffuCoder folder or repo.
 
-    - ``model``: the checkpoint converted on load (:func:`dfm_hf.models.conversion.load_released_model`: strict,
+    - ``model``: the checkpoint converted on load (:func:`dfm_hf.conversion.load_released_model`: strict,
       ``dtype`` / ``device_map`` honoured; default dtype: the checkpoint's).
     - ``tokenizer``: the repo's ``AutoTokenizer`` (no remote code), its mask token set to the model's mask id where it
       lacks it.

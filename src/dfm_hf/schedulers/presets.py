@@ -1,4 +1,9 @@
-"""Named scheduler presets that travel with a pipeline under ``scheduler_presets/<name>/scheduler_config.json``."""
+"""Named scheduler presets: scheduler configs that travel with a pipeline under
+``scheduler_presets/<name>/scheduler_config.json``.
+
+The shipped presets (:data:`PRESET_SPECS`), the classes a preset may name (:data:`PRESET_CLASSES`), and reading and
+writing preset folders. Only the dfm_hf scheduler classes are ever instantiated from a config file.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,13 @@ import json
 import os
 from typing import Any
 
-from ..schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
+from .scheduling_confidence import ConfidenceUnmaskingScheduler
+from .scheduling_discrete_flow import DiscreteFlowScheduler
 
+#: Folder of a pipeline (local or Hub repo) that holds one ``<name>/scheduler_config.json`` per preset.
 PRESETS_DIR = "scheduler_presets"
-_PRESET_CLASSES = {c.__name__: c for c in (DiscreteFlowScheduler, ConfidenceUnmaskingScheduler)}
+#: class name -> class: the only scheduler classes a preset config may name.
+PRESET_CLASSES: dict[str, type] = {c.__name__: c for c in (DiscreteFlowScheduler, ConfidenceUnmaskingScheduler)}
 
 #: name -> (class, config overrides, what it is good for)
 PRESET_SPECS: dict[str, tuple[type, dict[str, Any], str]] = {
@@ -50,22 +58,31 @@ def default_scheduler_presets(scheduler: Any) -> dict[str, Any]:
     return {name: cls(**base, **overrides) for name, (cls, overrides, _) in PRESET_SPECS.items()}
 
 
+def check_preset_name(name: Any) -> str:
+    """``name`` if it is a plain folder name (no separator, not hidden); ``ValueError`` otherwise."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+        raise ValueError(f"preset `name` must be a plain folder name, got {name!r}.")
+    return name
+
+
+def preset_names_in_folder(folder: str) -> list[str]:
+    """Names of the presets stored in a local pipeline folder (sorted; empty if none)."""
+    root = os.path.join(folder, PRESETS_DIR)
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "scheduler_config.json")))
+
+
 def load_presets_from_folder(folder: str) -> dict[str, Any]:
     """Read every ``scheduler_presets/<name>/scheduler_config.json`` of a pipeline folder.
 
     Only dfm_hf scheduler classes are instantiated; any other ``_class_name`` is refused (a config never names code
     to run).
     """
-    root = os.path.join(folder, PRESETS_DIR)
-    presets: dict[str, Any] = {}
-    if not os.path.isdir(root):
-        return presets
-    for name in sorted(os.listdir(root)):
-        path = os.path.join(root, name, "scheduler_config.json")
-        if not os.path.isfile(path):
-            continue
-        presets[name] = scheduler_from_config_file(path)
-    return presets
+    return {
+        name: scheduler_from_config_file(os.path.join(folder, PRESETS_DIR, name, "scheduler_config.json"))
+        for name in preset_names_in_folder(folder)
+    }
 
 
 def scheduler_from_config_file(path: str) -> Any:
@@ -74,10 +91,10 @@ def scheduler_from_config_file(path: str) -> Any:
         config = json.load(f)
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a JSON object.")
-    cls = _PRESET_CLASSES.get(config.get("_class_name"))
+    cls = PRESET_CLASSES.get(config.get("_class_name"))
     if cls is None:
         raise ValueError(
-            f"{path}: `_class_name` must be one of {sorted(_PRESET_CLASSES)}, got {config.get('_class_name')!r}."
+            f"{path}: `_class_name` must be one of {sorted(PRESET_CLASSES)}, got {config.get('_class_name')!r}."
         )
     return cls.from_config(config)
 
@@ -85,6 +102,4 @@ def scheduler_from_config_file(path: str) -> Any:
 def save_presets(presets: dict[str, Any], folder: str) -> None:
     """Write each preset's ``scheduler_config.json`` under ``folder/scheduler_presets/<name>/``."""
     for name, scheduler in presets.items():
-        if not name or "/" in name or "\\" in name or name.startswith("."):
-            raise ValueError(f"preset `name` must be a plain folder name, got {name!r}.")
-        scheduler.save_pretrained(os.path.join(folder, PRESETS_DIR, name))
+        scheduler.save_pretrained(os.path.join(folder, PRESETS_DIR, check_preset_name(name)))

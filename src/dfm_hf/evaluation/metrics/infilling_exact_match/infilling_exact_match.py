@@ -3,12 +3,12 @@
 import datasets
 import evaluate
 
-from dfm_hf.sandbox import run_programs
+from dfm_hf.evaluation.sandbox import run_programs
 
 _DESCRIPTION = """\
 Infilling evaluation: the share of predicted spans equal to the reference spans (optionally after stripping
 trailing whitespace on every line and trailing blank lines), and, when tests are given, the share of filled
-programs `prefix + prediction + suffix + "\\n" + test` that run to their end in the `dfm_hf.sandbox` sandbox.
+programs `prefix + prediction + suffix + "\\n" + test` that run to their end in the `dfm_hf.evaluation.sandbox` sandbox.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -25,7 +25,7 @@ Args:
 Returns:
     {"exact_match": float in [0, 1]} plus {"pass_rate": float in [0, 1]} when references_tests is given.
 Examples:
-    >>> metric = dfm_hf.metrics.load("infilling_exact_match")
+    >>> metric = dfm_hf.evaluation.metrics.load("infilling_exact_match")
     >>> metric.compute(predictions=["return a + b  \\n"], references=["return a + b\\n"], normalize_whitespace=True)
     {'exact_match': 1.0}
 """

