@@ -1,7 +1,8 @@
-"""The approximate key/value cache of DFMForMaskedGeneration (Fast-dLLM style prefix / dual caching), tiny CPU models.
+"""The key/value caches of DFMForMaskedGeneration (Fast-dLLM style prefix / dual caching), tiny CPU models.
 
-A full forward with ``use_cache=True`` returns every layer's keys and values; a partial forward recomputes a slice of
-positions against that cache. With a cache computed from the current tokens the partial forward is exact.
+A full forward with ``use_cache=True`` returns every layer's keys and values (a ``DynamicCache``, or the empty cache
+passed in, e.g. a ``DFMBlockCache``, filled); a partial forward recomputes a slice of positions against that cache.
+With a cache computed from the current tokens the partial forward is exact.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-from dfm_hf.models import DFMConfig, DFMForMaskedGeneration
+from dfm_hf.models import DFMBlockCache, DFMConfig, DFMForMaskedGeneration
 
 VOCAB = 64
 MASK = 63
@@ -157,7 +158,7 @@ def test_partial_forward_time_conditioned_and_unshifted_models():
             full = model(ids, attention_mask=mask, timesteps=t, use_cache=True)
             partial = model(
                 ids.gather(1, pos),
-                mask,
+                attention_mask=mask,
                 timesteps=t,
                 position_ids=pos,
                 past_key_values=full.past_key_values,
@@ -178,14 +179,18 @@ def test_partial_forward_with_stale_cache_is_an_approximation_and_returns_an_upd
         fresh = model(new_ids, attention_mask=mask, use_cache=True)
         approx = model(
             new_ids.gather(1, pos),
-            mask,
+            attention_mask=mask,
             position_ids=pos,
             past_key_values=old.past_key_values,
             use_cache=True,
             logits_to_keep=torch.ones(3, 4, dtype=torch.bool),
         )
         exact = model(
-            new_ids.gather(1, pos), mask, position_ids=pos, past_key_values=fresh.past_key_values, logits_to_keep=2
+            new_ids.gather(1, pos),
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=fresh.past_key_values,
+            logits_to_keep=2,
         ).logits
     # with the refreshed cache it is exact; with the old one it only approximates (the other positions' keys are stale)
     torch.testing.assert_close(exact, fresh.logits[:, 12:14], atol=1e-5, rtol=1e-5)
@@ -202,7 +207,10 @@ def test_partial_forward_with_stale_cache_is_an_approximation_and_returns_an_upd
             torch.testing.assert_close(new_layer.keys[:, :, 10:14], fresh.past_key_values.layers[0].keys[:, :, 10:14])
 
 
-def test_cache_in_place_gives_the_same_logits_and_writes_only_the_query_positions():
+def test_block_cache_is_rewritten_in_place_with_the_logits_of_a_copy():
+    """A DFMBlockCache filled by a full forward is rewritten in place at the query positions by a partial forward, with
+    bit-equal logits to the same partial forward reading a DynamicCache (written in a copy; the DynamicCache stays
+    unmodified). Positions outside the queries keep their entries; a second call does not drift."""
     model = make_model(seed=6)
     ids, mask = padded_batch(seed=7)
     pos = torch.arange(10, 14).expand(3, 4)
@@ -210,20 +218,28 @@ def test_cache_in_place_gives_the_same_logits_and_writes_only_the_query_position
     new_ids[:, 10:14] = torch.tensor([5, 6, 7, 8])
     with torch.no_grad():
         copied = model(ids, attention_mask=mask, use_cache=True).past_key_values
-        owned = model(ids, attention_mask=mask, use_cache=True).past_key_values
-        before = cache_keys(owned)
+        owned = DFMBlockCache()
+        assert model(ids, attention_mask=mask, past_key_values=owned, use_cache=True).past_key_values is owned
+        before, copied_before = cache_keys(owned), cache_keys(copied)
+        storage = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in owned.layers]
         kw = dict(attention_mask=mask, position_ids=pos, logits_to_keep=torch.ones(3, 4, dtype=torch.bool))
-        expected = model(new_ids.gather(1, pos), past_key_values=copied, **kw).logits
-        in_place = model(new_ids.gather(1, pos), past_key_values=owned, cache_in_place=True, **kw).logits
-        again = model(new_ids.gather(1, pos), past_key_values=owned, cache_in_place=True, **kw).logits
-    torch.testing.assert_close(in_place, expected, atol=0.0, rtol=0.0)
-    torch.testing.assert_close(again, expected, atol=0.0, rtol=0.0)  # rewritten before read: no drift
+        expected = model(new_ids.gather(1, pos), past_key_values=copied, **kw)
+        in_place = model(new_ids.gather(1, pos), past_key_values=owned, **kw)
+        again = model(new_ids.gather(1, pos), past_key_values=owned, **kw).logits
+    assert isinstance(copied, DynamicCache) and isinstance(expected.past_key_values, DFMBlockCache)
+    assert in_place.past_key_values is owned and expected.past_key_values is not copied
+    torch.testing.assert_close(in_place.logits, expected.logits, atol=0.0, rtol=0.0)
+    torch.testing.assert_close(again, expected.logits, atol=0.0, rtol=0.0)  # rewritten before read: no drift
     outside = torch.ones(LENGTH, dtype=torch.bool)
     outside[10:14] = False
-    for (k0, v0), layer in zip(before, owned.layers):
+    for (k0, v0), layer, copy, ptrs in zip(before, owned.layers, expected.past_key_values.layers, storage):
+        assert (layer.keys.data_ptr(), layer.values.data_ptr()) == ptrs  # the same tensors, written in place
         assert torch.equal(layer.keys[:, :, outside], k0[:, :, outside])
         assert torch.equal(layer.values[:, :, outside], v0[:, :, outside])
         assert not torch.equal(layer.keys[:, :, 10:14], k0[:, :, 10:14])
+        assert torch.equal(layer.keys, copy.keys) and torch.equal(layer.values, copy.values)
+    for (k0, v0), layer in zip(copied_before, copied.layers):  # the DynamicCache read by the copy path is unchanged
+        assert torch.equal(layer.keys, k0) and torch.equal(layer.values, v0)
 
 
 def test_repeated_positions_are_harmless():
@@ -232,8 +248,10 @@ def test_repeated_positions_are_harmless():
     pos = torch.tensor([[9, 10, 11, 12, 13, 13, 13], [9, 10, 11, 12, 13, 9, 11], [9, 10, 11, 12, 13, 10, 10]])
     with torch.no_grad():
         cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
-        repeated = model(ids.gather(1, pos), mask, position_ids=pos, past_key_values=cache).logits
-        plain = model(ids.gather(1, pos[:, :5]), mask, position_ids=pos[:, :5], past_key_values=cache).logits
+        repeated = model(ids.gather(1, pos), attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+        plain = model(
+            ids.gather(1, pos[:, :5]), attention_mask=mask, position_ids=pos[:, :5], past_key_values=cache
+        ).logits
     torch.testing.assert_close(repeated[:, :5], plain, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(repeated[0, 5], plain[0, 4], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(repeated[1, 6], plain[1, 2], atol=1e-6, rtol=1e-6)
@@ -251,7 +269,7 @@ def test_partial_forward_attentions_and_four_d_masks():
         cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
         partial = model(
             ids.gather(1, pos),
-            mask,
+            attention_mask=mask,
             position_ids=pos,
             past_key_values=cache,
             output_attentions=True,
@@ -260,7 +278,7 @@ def test_partial_forward_attentions_and_four_d_masks():
         full_causal = model(ids, attention_mask=additive, use_cache=True)
         rows = additive[torch.arange(3)[:, None], :, pos].transpose(1, 2)  # (batch, 1, n, L)
         partial_causal = model(
-            ids.gather(1, pos), rows, position_ids=pos, past_key_values=full_causal.past_key_values
+            ids.gather(1, pos), attention_mask=rows, position_ids=pos, past_key_values=full_causal.past_key_values
         ).logits
     assert out.logits.shape == (3, 4, VOCAB)  # without a cache: a short sequence of its own
     assert len(partial.attentions) == 2 and partial.attentions[0].shape == (3, 4, 4, LENGTH)
@@ -278,10 +296,10 @@ def test_cache_alias_and_pair_sequences():
     pos = torch.tensor([[12, 13, 14]] * 3)
     with torch.no_grad():
         cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
-        reference = model(ids.gather(1, pos), mask, position_ids=pos, past_key_values=cache).logits
-        aliased = model(ids.gather(1, pos), mask, position_ids=pos, cache=cache).logits
+        reference = model(ids.gather(1, pos), attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+        aliased = model(ids.gather(1, pos), attention_mask=mask, position_ids=pos, cache=cache).logits
         pairs = [(layer.keys, layer.values) for layer in cache.layers]
-        as_pairs = model(ids.gather(1, pos), mask, position_ids=pos, past_key_values=pairs).logits
+        as_pairs = model(ids.gather(1, pos), attention_mask=mask, position_ids=pos, past_key_values=pairs).logits
         empty = DynamicCache()
         filled = model(ids, attention_mask=mask, past_key_values=empty, use_cache=True).past_key_values
     assert torch.equal(aliased, reference) and torch.equal(as_pairs, reference)
@@ -323,7 +341,7 @@ def test_gradient_checkpointing_with_partial_forward():
 
     def grads() -> dict[str, torch.Tensor]:
         model.zero_grad()
-        out = model(labels, mask, position_ids=pos, past_key_values=cache, labels=labels, use_cache=True)
+        out = model(labels, attention_mask=mask, position_ids=pos, past_key_values=cache, labels=labels, use_cache=True)
         assert out.past_key_values is not None
         out.loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -348,10 +366,14 @@ def test_compiled_partial_forward_matches_eager():
     pos, keep = slices("dual")
     with torch.no_grad():
         cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
-        eager = model(ids.gather(1, pos), mask, position_ids=pos, past_key_values=cache, logits_to_keep=keep).logits
+        eager = model(
+            ids.gather(1, pos), attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=keep
+        ).logits
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="aot_eager")
-        logits = compiled(ids.gather(1, pos), mask, position_ids=pos, past_key_values=cache, logits_to_keep=keep).logits
+        logits = compiled(
+            ids.gather(1, pos), attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=keep
+        ).logits
     torch._dynamo.reset()
     torch.testing.assert_close(logits, eager, atol=1e-5, rtol=1e-5)
 
@@ -372,10 +394,19 @@ def test_forward_reads_nothing_back_from_the_device(monkeypatch):
     with torch.no_grad(), monkeypatch.context() as patch:
         for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
             patch.setattr(torch.Tensor, name, host_read)
-        model(ids, mask, timesteps=t, use_cache=True, logits_to_keep=3)
-        model(ids, mask, timesteps=t, logits_to_keep=torch.tensor([1, 5]))
-        model(ids, additive_mask_of(mask), timesteps=t, position_ids=torch.arange(LENGTH).expand(3, LENGTH))
-        model(ids.gather(1, pos), mask, timesteps=t, position_ids=pos, past_key_values=cache, use_cache=True)
+        model(ids, attention_mask=mask, timesteps=t, use_cache=True, logits_to_keep=3)
+        model(ids, attention_mask=mask, timesteps=t, logits_to_keep=torch.tensor([1, 5]))
+        model(
+            ids, attention_mask=additive_mask_of(mask), timesteps=t, position_ids=torch.arange(LENGTH).expand(3, LENGTH)
+        )
+        model(
+            ids.gather(1, pos),
+            attention_mask=mask,
+            timesteps=t,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
 
 
 def additive_mask_of(mask: torch.Tensor) -> torch.Tensor:

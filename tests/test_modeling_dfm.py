@@ -20,6 +20,8 @@ from dfm_hf.models import (
     DFMForMaskedGeneration,
     DFMMaskedGenerationOutput,
     DFMModel,
+    generalized_kl_loss,
+    masked_cross_entropy_loss,
     register_auto_classes,
 )
 from dfm_hf.training import losses
@@ -27,6 +29,19 @@ from dfm_hf.training import losses
 VOCAB = 64
 MASK = 63
 PAD = 0
+MODELS = os.path.join(os.path.dirname(__file__), os.pardir, "src", "dfm_hf", "models")
+#: The files of a checkpoint's remote code: the modeling file and the sibling modules it imports.
+MODEL_FILES = (
+    "cache.py",
+    "configuration_dfm.py",
+    "layers.py",
+    "loading.py",
+    "losses.py",
+    "masking.py",
+    "modeling_dfm.py",
+    "rotary.py",
+    "validation.py",
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -90,7 +105,6 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.15) -> torc
         (dict(max_position_embeddings=0), "max_position_embeddings"),
         (dict(mask_token_id=VOCAB), "mask_token_id"),
         (dict(mask_token_id=-1), "mask_token_id"),
-        (dict(loss_type="mse"), "loss_type"),
         (dict(time_conditioning="yes"), "time_conditioning"),
         (dict(hidden_dropout=1.5), "hidden_dropout"),
         (dict(rope_theta=0.0), "rope_theta"),
@@ -111,11 +125,23 @@ def test_config_validation_names_the_key(kwargs, key):
         tiny_config(**kwargs)
 
 
-def test_config_loss_type_error_lists_accepted_values():
-    with pytest.raises(ValueError, match="generalized_kl"):
-        tiny_config(loss_type="kl")
+def test_config_error_lists_accepted_values():
     with pytest.raises(ValueError, match="divisor of 4"):
         tiny_config(num_key_value_heads=3)
+
+
+def test_config_drops_a_loss_type_key(tmp_path):
+    """The training loss is not a model setting: a ``loss_type`` in config.json loads quietly and is not stored."""
+    path = tmp_path / "config.json"
+    tiny_config().save_pretrained(tmp_path)
+    data = json.loads(path.read_text())
+    assert "loss_type" not in data
+    path.write_text(json.dumps({**data, "loss_type": "generalized_kl"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = DFMConfig.from_pretrained(tmp_path)
+    assert "loss_type" not in loaded.to_dict() and not hasattr(loaded, "loss_type")
+    assert "loss_type" not in tiny_config(loss_type="ce").to_dict()
 
 
 def test_config_architecture_keys_defaults_and_head_dim():
@@ -166,7 +192,7 @@ def test_presets_and_tokenizer():
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(time_conditioning=True, loss_type="generalized_kl"),
+        dict(time_conditioning=True),
         dict(num_key_value_heads=2, attention_bias=True, head_dim=8, logits_shift=True, tie_word_embeddings=False),
     ],
 )
@@ -174,7 +200,7 @@ def test_config_roundtrip(tmp_path, overrides):
     config = tiny_config(**overrides)
     config.save_pretrained(tmp_path)
     loaded = DFMConfig.from_pretrained(tmp_path)
-    keys = ("vocab_size", "hidden_size", "mask_token_id", "time_conditioning", "loss_type", "rope_theta")
+    keys = ("vocab_size", "hidden_size", "mask_token_id", "time_conditioning", "rope_parameters")
     keys += ("num_key_value_heads", "attention_bias", "head_dim", "logits_shift", "tie_word_embeddings")
     for key in keys:
         assert getattr(loaded, key) == getattr(config, key), key
@@ -200,6 +226,10 @@ def test_forward_shapes_tying_and_module_names():
     assert not any("time" in n or "modulation" in n for n, _ in model.named_parameters())
     tup = model(ids, labels=ids, return_dict=False)
     assert isinstance(tup, tuple) and torch.equal(tup[1], out.logits)
+    model.config.return_dict = False  # return_dict=None follows the config
+    assert isinstance(model(ids), tuple) and isinstance(model.model(ids), tuple)
+    assert isinstance(model(ids, return_dict=True), DFMMaskedGenerationOutput)
+    model.config.return_dict = True
     full = model(ids, output_hidden_states=True, output_attentions=True)
     assert len(full.hidden_states) == model.config.num_hidden_layers + 1
     assert len(full.attentions) == model.config.num_hidden_layers
@@ -225,7 +255,7 @@ def test_save_load_identical_logits(tmp_path, time_conditioning):
         expected = model(ids, timesteps=t).logits
     model.save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))
-    assert {"model.safetensors", "config.json", "modeling_dfm.py", "configuration_dfm.py"} <= files
+    assert {"model.safetensors", "config.json", "configuration_dfm.py"} | set(MODEL_FILES) <= files
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoConfig"] == "configuration_dfm.DFMConfig"
     assert auto_map["AutoModelForMaskedLM"] == "modeling_dfm.DFMForMaskedGeneration"
@@ -239,6 +269,23 @@ def test_save_load_identical_logits(tmp_path, time_conditioning):
     assert eager.config._attn_implementation == "eager"
     with torch.no_grad():
         torch.testing.assert_close(eager(ids, timesteps=t).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_load_with_dtype(tmp_path):
+    """``from_pretrained(dtype=...)`` gives weights and logits of that dtype, the same weights rounded."""
+    model = randomize_(make_model(time_conditioning=True), seed=8)
+    ids = random_ids()
+    t = torch.tensor([0.4, 0.6])
+    with torch.no_grad():
+        expected = model(ids, timesteps=t).logits
+    model.save_pretrained(tmp_path)
+    half = DFMForMaskedGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(half.lm_head.weight, model.lm_head.weight.to(torch.bfloat16), atol=0.0, rtol=0.0)
+    with torch.no_grad():
+        rounded = half(ids, timesteps=t).logits
+    assert rounded.dtype == torch.bfloat16
+    assert (rounded.float() - expected).abs().max() < 0.1 * expected.abs().max()
 
 
 _REMOTE_SCRIPT = textwrap.dedent(
@@ -474,6 +521,56 @@ def test_peft_lora_trains_and_merges():
         torch.testing.assert_close(merged(x_t).logits, adapted, atol=1e-5, rtol=1e-5)
 
 
+def test_inputs_embeds_equal_input_ids():
+    model = randomize_(make_model(time_conditioning=True, logits_shift=True), seed=2)
+    ids = random_ids()
+    t = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        expected = model(input_ids=ids, timesteps=t)
+        embedded = model(inputs_embeds=model.get_input_embeddings()(ids), timesteps=t, labels=ids)
+        base = model.model(inputs_embeds=model.get_input_embeddings()(ids), timesteps=t).last_hidden_state
+    assert torch.equal(embedded.logits, expected.logits) and embedded.loss is not None
+    assert base.shape == (2, 12, model.config.hidden_size)
+    for call in (dict(), dict(input_ids=ids, inputs_embeds=torch.zeros(2, 12, 64))):
+        with pytest.raises(ValueError, match="exactly one of `input_ids` and `inputs_embeds`"):
+            model(timesteps=t, **call)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        model(inputs_embeds=torch.zeros(2, 12, 5), timesteps=t)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # peft 0.21 calls a transformers API deprecated in 5.x
+def test_peft_prompt_tuning_trains_virtual_tokens():
+    """PEFT prompt tuning (``task_type="FEATURE_EXTRACTION"``: the prompt-learning wrapper that prepends the virtual
+    tokens' embeddings through ``inputs_embeds`` and returns the model's output) trains only the virtual tokens."""
+    import peft
+
+    virtual = 8
+    model = randomize_(make_model(), seed=5)
+    x_t, labels = _masked_batch(seed=3)
+    labels = torch.where(labels != -100, torch.full_like(labels, 7), labels)  # a task a prompt can steer
+    config = peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=virtual)
+    peft_model = peft.get_peft_model(model, config)
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert list(trainable) == ["prompt_encoder.default.embedding.weight"]
+    prompt_before = next(iter(trainable.values())).detach().clone()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.Adam(trainable.values(), lr=0.1)
+    peft_model.train()
+    seen = []
+    for _ in range(20):
+        out = peft_model(input_ids=x_t, attention_mask=torch.ones_like(x_t))
+        assert out.logits.shape == (x_t.shape[0], virtual + x_t.shape[1], VOCAB)
+        loss = masked_cross_entropy_loss(out.logits[:, virtual:], labels)
+        seen.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert seen[-1] < seen[0] - 2.0
+    assert (next(iter(trainable.values())) - prompt_before).abs().max() > 1e-2
+    for name, param in model.named_parameters():
+        assert torch.equal(param, frozen[name]), name
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Time conditioning
 # ------------------------------------------------------------------------------------------------------------------
@@ -529,15 +626,6 @@ def test_ce_loss_matches_cross_entropy():
         out = model(x_t, labels=labels)
     expected = F.cross_entropy(out.logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(out.loss, expected)
-    # condition_mask positions are never scored
-    cond = torch.zeros_like(labels, dtype=torch.bool)
-    cond[:, :4] = True
-    with torch.no_grad():
-        conditioned = model(x_t, labels=labels, condition_mask=cond).loss
-    expected = F.cross_entropy(
-        out.logits.reshape(-1, VOCAB), labels.masked_fill(cond, -100).reshape(-1), ignore_index=-100
-    )
-    torch.testing.assert_close(conditioned, expected)
     # Trainer gradient accumulation: the sum is divided by num_items_in_batch
     count = int((labels != -100).sum())
     with torch.no_grad():
@@ -547,46 +635,68 @@ def test_ce_loss_matches_cross_entropy():
     # nothing scored -> 0, not NaN
     with torch.no_grad():
         assert model(x_t, labels=torch.full_like(labels, -100)).loss.item() == 0.0
+    # the training loss is the caller's: the forward takes no training-only arguments (conditioning positions are
+    # unscored through `labels`), and refuses them by name instead of ignoring them
+    cond = torch.zeros_like(labels, dtype=torch.bool)
+    for extra in (dict(condition_mask=cond), dict(kappa_rate=torch.ones(2))):
+        with pytest.raises(TypeError, match=next(iter(extra))):
+            model(x_t, labels=labels, **extra)
 
 
-def test_generalized_kl_matches_direct_computation():
-    model = make_model(time_conditioning=True, loss_type="generalized_kl")
+def generalized_kl_reference(
+    probs: torch.Tensor, x_t: torch.Tensor, x1: torch.Tensor, rate: torch.Tensor, scored: torch.Tensor
+) -> torch.Tensor:
+    """The generalized KL of the DFM paper (Gat et al. 2024), written from its definition in float64: per scored
+    position with current token ``z = x_t``, the Bregman divergence of ``f(u) = u log u`` between the off-diagonal
+    jump rates of the conditional velocity, ``u(x) = rate * [x == x1]`` (zero when ``z == x1``), and of the model,
+    ``v(x) = rate * p_{1|t}(x | x_t)``: ``sum_{x != z} u(x) log(u(x) / v(x)) - u(x) + v(x)`` (``0 log 0 = 0``),
+    then averaged over the scored positions. No term of the implementation's closed form is reused."""
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for b, i in scored.nonzero().tolist():
+        z, target, r = int(x_t[b, i]), int(x1[b, i]), float(rate[b])
+        for x in range(probs.shape[-1]):
+            if x == z:
+                continue
+            u = r if (x == target and z != target) else 0.0
+            v = r * probs[b, i, x]
+            total = total + (u * torch.log(u / v) - u + v if u > 0 else v)
+        count += 1
+    return total / count
+
+
+def test_generalized_kl_matches_the_definition():
+    model = make_model(time_conditioning=True)
     g = torch.Generator().manual_seed(11)
     x1 = torch.randint(0, MASK, (3, 9), generator=g)
     x_t = torch.where(torch.rand(3, 9, generator=g) < 0.5, torch.randint(0, MASK, (3, 9), generator=g), x1)
+    x_t[:, 1] = MASK  # mask-source positions
     labels = x1.clone()
     labels[:, 0] = -100
     t = torch.tensor([0.1, 0.5, 0.8])
     rate = losses.kappa_rate(t, "polynomial", 2.0)
     torch.testing.assert_close(rate, 2 * t / (1 - t**2))
     with torch.no_grad():
-        out = model(x_t, timesteps=t, labels=labels, kappa_rate=rate)
-    probs = torch.softmax(out.logits.double(), dim=-1)
-    terms = []
-    for b in range(3):
-        for i in range(9):
-            if labels[b, i] == -100:
-                continue
-            delta = float(x_t[b, i] == x1[b, i])
-            p_xt = probs[b, i, x_t[b, i]]
-            log_p_x1 = torch.log(probs[b, i, x1[b, i]])
-            terms.append(-rate[b].double() * (p_xt - delta + (1 - delta) * log_p_x1))
-    expected = torch.stack(terms).mean()
-    assert any(x_t[b, i] == x1[b, i] for b in range(3) for i in range(1, 9))  # both delta branches exercised
-    torch.testing.assert_close(out.loss.double(), expected, atol=1e-5, rtol=1e-5)
+        logits = model(x_t, timesteps=t).logits
+    scored = labels != -100
+    assert (x_t == x1)[scored].any() and (x_t != x1)[scored].any()  # both branches of the divergence exercised
+    expected = generalized_kl_reference(torch.softmax(logits.double(), -1), x_t, x1, rate.double(), scored)
+    assert expected > 0.1  # a divergence well away from 0: the comparison below has a margin
+    loss = generalized_kl_loss(logits, labels, x_t, rate)
+    torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
     # the training helper (rates from the schedule) gives the same number
     helper = losses.dfm_loss(
-        out.logits, labels, x_t, t, loss_type="generalized_kl", schedule="polynomial", kappa_exponent=2.0
+        logits, labels, x_t, t, loss_type="generalized_kl", schedule="polynomial", kappa_exponent=2.0
     )
-    torch.testing.assert_close(helper, out.loss)
-    # packed logits_to_keep gives the same loss
+    torch.testing.assert_close(helper.double(), expected, atol=1e-5, rtol=1e-5)
+    # packed logits_to_keep (the training path) gives the same loss; num_items_in_batch replaces the count
     with torch.no_grad():
-        packed = model(x_t, timesteps=t, labels=labels, kappa_rate=rate, logits_to_keep=labels != -100).loss
-    torch.testing.assert_close(packed, out.loss, atol=1e-6, rtol=1e-6)
-    with pytest.raises(ValueError, match="kappa_rate"):
-        model(x_t, timesteps=t, labels=labels)
-    with pytest.raises(ValueError, match="kappa_rate"):
-        model(x_t, timesteps=t, labels=labels, kappa_rate=torch.ones(2))
+        packed = model(x_t, timesteps=t, logits_to_keep=scored).logits
+    per_row = rate[:, None].expand(scored.shape)[scored]
+    torch.testing.assert_close(
+        generalized_kl_loss(packed, x1[scored], x_t[scored], per_row), loss, atol=1e-6, rtol=1e-6
+    )
+    summed = generalized_kl_loss(logits, labels, x_t, rate, num_items_in_batch=1)
+    torch.testing.assert_close(summed.double(), expected * int(scored.sum()), atol=1e-4, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -855,11 +965,14 @@ def test_rotary_tables_are_cached_not_rebuilt():
 
 
 def test_bundled_remote_code_matches_the_library():
-    """The bundled checkpoint's remote-code files are copies of the library's model files (they must not drift)."""
-    source = os.path.join(os.path.dirname(__file__), os.pardir, "src", "dfm_hf", "models")
-    for name in ("configuration_dfm.py", "modeling_dfm.py"):
+    """The bundled checkpoint's remote-code files are copies of the library's model files (they must not drift), and
+    they are every module of the models package (the package adds only ``__init__.py``)."""
+    package = {name for name in os.listdir(MODELS) if name.endswith(".py")} - {"__init__.py"}
+    assert package == set(MODEL_FILES)
+    assert {name for name in os.listdir(BUNDLED) if name.endswith(".py")} == set(MODEL_FILES)
+    for name in MODEL_FILES:
         with (
-            open(os.path.join(source, name), encoding="utf-8") as a,
+            open(os.path.join(MODELS, name), encoding="utf-8") as a,
             open(os.path.join(BUNDLED, name), encoding="utf-8") as b,
         ):
             assert a.read() == b.read(), f"{name}: copy src/dfm_hf/models/{name} into the bundled model folder"

@@ -9,12 +9,12 @@ window opens, and reused:
 * ``"dual"``: the model runs only the window's positions as queries, against the cached keys/values of the prefix
   and of the still-masked suffix.
 
-A full forward with ``use_cache=True`` computes the keys/values of every position (a "refresh": when a window opens,
-and every ``refresh_steps`` steps inside it when asked); each step's logits then come from a partial forward of the
-query positions (``position_ids`` = their absolute positions, ``past_key_values`` = the cache). With a cache computed
-from the current tokens (``refresh_steps=1``) this is exact up to float rounding; otherwise the cached states are
-stale (they were computed before the window's tokens were committed): that is the approximation. ``kv_cache=None``
-is the exact path.
+A full forward filling a new :class:`~dfm_hf.models.DFMBlockCache` computes the keys/values of every position (a
+"refresh": when a window opens, and every ``refresh_steps`` steps inside it when asked); each step's logits then come
+from a partial forward of the query positions (``position_ids`` = their absolute positions, ``past_key_values`` = the
+cache, which each step rewrites in place at those positions). With a cache computed from the current tokens
+(``refresh_steps=1``) this is exact up to float rounding; otherwise the cached states are stale (they were computed
+before the window's tokens were committed): that is the approximation. ``kv_cache=None`` is the exact path.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+
+from ..models.cache import DFMBlockCache
 
 KV_CACHE_MODES = ("prefix", "dual")
 
@@ -91,7 +93,7 @@ class BlockCacheState:
 
     mode: str
     refresh_steps: Optional[int]
-    cache: Any = None
+    cache: Optional[DFMBlockCache] = None
     window_index: Optional[torch.Tensor] = None
     age: int = 0
     refreshes: int = field(default=0)
@@ -104,7 +106,7 @@ class BlockCacheState:
             return True
         return self.refresh_steps is not None and self.age >= self.refresh_steps
 
-    def refreshed(self, cache: Any, window_index: torch.Tensor) -> None:
+    def refreshed(self, cache: DFMBlockCache, window_index: torch.Tensor) -> None:
         """Record a cache computed now, for the window ``window_index``."""
         self.cache, self.window_index, self.age = cache, window_index.clone(), 0
         self.refreshes += 1

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..models.cache import DFMBlockCache
 from ..schedulers.utils import StepPlan
 from .kv_cache import BlockCacheState, keep_in_slice, query_positions
 
@@ -94,8 +95,9 @@ class ModelRunner:
         if state.needs_refresh(plan.window_index):
             ids = self._inputs(sample, self.drop)
             nothing = torch.zeros_like(ids, dtype=torch.bool)
-            out = self._forward(ids, rows, plan, use_cache=True, logits_to_keep=nothing)
-            state.refreshed(out.past_key_values, plan.window_index)
+            cache = DFMBlockCache()
+            self._forward(ids, rows, plan, past_key_values=cache, use_cache=True, logits_to_keep=nothing)
+            state.refreshed(cache, plan.window_index)
         query = query_positions(plan.window, state.mode, self.shift)
         keep = keep_in_slice(plan.positions, query)
         ids = self._inputs(sample.gather(1, query), self.drop.gather(1, query))
@@ -104,9 +106,8 @@ class ModelRunner:
             rows,
             plan,
             position_ids=self._twice(query),
-            past_key_values=state.cache,
+            past_key_values=state.cache,  # rewritten in place at the query positions, before they are read
             logits_to_keep=self._twice(keep),
-            cache_in_place=True,  # the query positions are rewritten before they are read, at every step
         )
         state.age += 1
         return self._combine(out.logits)

@@ -1,0 +1,102 @@
+"""The loading policy of our own checkpoints: strict, with errors that name what is wrong.
+
+Loading stays strict: a missing, unexpected or mismatched weight raises naming it (nothing is initialised at random),
+and a broken weights file raises naming the file and its folder. Imports only the standard library, ``transformers``
+and ``safetensors``: it travels with ``modeling_dfm.py`` as remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+#: ``from_pretrained`` keyword arguments that say where a checkpoint's files come from.
+HUB_KEYS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder")
+
+
+def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: kwargs[k] for k in HUB_KEYS if kwargs.get(k) is not None}
+
+
+def checkpoint_model_type(name: Any, kwargs: dict[str, Any]) -> Optional[str]:
+    """The ``model_type`` of the ``config.json`` of checkpoint ``name`` (a folder or Hub repo id), or None when there
+    is none to read (a config object passed in, a GGUF file, no readable config: transformers reports those)."""
+    from transformers import PretrainedConfig
+    from transformers.utils import cached_file
+
+    if name is None or isinstance(kwargs.get("config"), PretrainedConfig) or kwargs.get("gguf_file"):
+        return None
+    try:
+        path = cached_file(
+            str(name),
+            "config.json",
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **_hub_kwargs(kwargs),
+        )
+        if not path:
+            return None
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("model_type")
+    except Exception:  # no readable config.json: transformers reports it when it loads
+        return None
+
+
+def _weight_files(name: Any, kwargs: dict[str, Any]) -> list[str]:
+    """The safetensors files of checkpoint ``name`` present locally (a folder, or the local Hub cache)."""
+    from transformers.utils import cached_file
+
+    sub = kwargs.get("subfolder") or ""
+    if os.path.isdir(os.path.join(str(name), sub)):
+        folder = os.path.join(str(name), sub)
+        return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")]
+    files: list[str] = []
+    offline = {**_hub_kwargs(kwargs), "local_files_only": True}
+    for filename in ("model.safetensors", "model.safetensors.index.json"):
+        try:
+            found = cached_file(str(name), filename, _raise_exceptions_for_missing_entries=False, **offline)
+        except Exception:
+            found = None
+        if found and filename.endswith(".json"):
+            with open(found, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+            files += [os.path.join(os.path.dirname(found), s) for s in shards]
+        elif found:
+            files.append(found)
+    return files
+
+
+def broken_weights_error(name: Any, kwargs: dict[str, Any]) -> Optional[OSError]:
+    """An ``OSError`` naming the first unreadable (e.g. truncated) safetensors file of checkpoint ``name``, or None
+    when every local weights file reads: called after a failed load, to say which file broke it."""
+    from safetensors import safe_open
+
+    if name is None:
+        return None
+    for path in _weight_files(name, kwargs):
+        try:
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+        except Exception as broken:
+            return OSError(
+                f"{os.path.basename(path)} in {os.path.dirname(path)} (checkpoint {str(name)!r}) is not a valid "
+                f"safetensors file ({broken}); it may be truncated or corrupted (an interrupted download or save): "
+                "download or save it again."
+            )
+    return None
+
+
+def check_loading_info(name: Any, info: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming every missing, unexpected or mismatched weight of transformers' loading report."""
+    problems = {
+        "missing": sorted(info.get("missing_keys") or []),
+        "unexpected": sorted(info.get("unexpected_keys") or []),
+        "mismatched": sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []),
+    }
+    if any(problems.values()):
+        details = "; ".join(f"{kind} weights: {', '.join(keys)}" for kind, keys in problems.items() if keys)
+        raise ValueError(
+            f"The checkpoint {str(name)!r} does not match its config.json ({details}); nothing is initialised at "
+            "random. Pass `output_loading_info=True` to load it anyway and inspect the report."
+        )

@@ -1,0 +1,143 @@
+"""Input checks of the DFM forward: clear ``ValueError`` messages naming the argument, no host synchronisation.
+
+Only ``torch`` is imported: this file is copied next to the weights with the modeling file.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+
+
+def _shape(x: Any) -> Any:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _is_integer_tensor(x: Any) -> bool:
+    return (
+        isinstance(x, torch.Tensor) and not x.dtype.is_floating_point and not x.is_complex() and x.dtype != torch.bool
+    )
+
+
+def check_inputs(input_ids: Any, inputs_embeds: Any, hidden_size: int, max_length: int) -> tuple[int, int]:
+    """``(batch, len)`` of exactly one of ``input_ids`` (integer ``(batch, len)``) and ``inputs_embeds`` (float
+    ``(batch, len, hidden_size)``), ``1 <= len <= max_length``. Token ids are not range-checked (a device sync)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+    if input_ids is not None:
+        name = "input_ids"
+        if not _is_integer_tensor(input_ids):
+            raise ValueError(f"`input_ids` must be an integer tensor of shape (batch, len), got {type(input_ids)}.")
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(f"`input_ids` must have shape (batch, len) with len >= 1, got {tuple(input_ids.shape)}.")
+        batch, length = input_ids.shape
+    else:
+        name = "inputs_embeds"
+        if (
+            not isinstance(inputs_embeds, torch.Tensor)
+            or not inputs_embeds.dtype.is_floating_point
+            or inputs_embeds.dim() != 3
+            or inputs_embeds.shape[1] == 0
+            or inputs_embeds.shape[2] != hidden_size
+        ):
+            raise ValueError(
+                f"`inputs_embeds` must be a float tensor of shape (batch, len, hidden_size={hidden_size}) with "
+                f"len >= 1, got {_shape(inputs_embeds)}."
+            )
+        batch, length = inputs_embeds.shape[:2]
+    if length > max_length:
+        raise ValueError(f"`{name}` has length {length} > max_position_embeddings ({max_length}).")
+    return batch, length
+
+
+def prepare_timesteps(
+    timesteps: Optional[Union[float, torch.Tensor]], batch: int, device: torch.device
+) -> Optional[torch.Tensor]:
+    """``timesteps`` as float32 ``(batch,)`` (a scalar or a 1-element tensor is broadcast), or None."""
+    if timesteps is None:
+        return None
+    expected = f"a float, a 0-d tensor or a tensor of shape ({batch},)"
+    if isinstance(timesteps, (str, bytes, bool)):
+        raise ValueError(f"`timesteps` must be {expected}, got {timesteps!r}.")
+    try:
+        t = torch.as_tensor(timesteps, device=device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"`timesteps` must be {expected}, got {type(timesteps).__name__}.") from err
+    if t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"`timesteps` must be real numbers, got dtype {t.dtype}.")
+    t = t.to(torch.float32)
+    if t.dim() == 0 or (t.dim() == 1 and t.shape[0] == 1):
+        return t.reshape(1).expand(batch)
+    if t.dim() != 1 or t.shape[0] != batch:
+        raise ValueError(f"`timesteps` must be {expected} (one time per row), got shape {tuple(t.shape)}.")
+    return t
+
+
+def prepare_position_ids(position_ids: Any, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """``position_ids`` ``(batch, len)`` or ``(len,)`` as a long ``(batch, len)`` tensor (values not checked)."""
+    if not _is_integer_tensor(position_ids) or position_ids.dim() not in (1, 2):
+        raise ValueError(
+            f"`position_ids` must be an integer tensor of shape (batch, len) = {(batch, seq_len)} (or (len,)), "
+            f"got {_shape(position_ids)}."
+        )
+    pos = position_ids.to(device=device, dtype=torch.long)
+    if pos.dim() == 1:
+        pos = pos[None]
+    if pos.shape[1] != seq_len or pos.shape[0] not in (1, batch):
+        raise ValueError(
+            f"`position_ids` must have shape (batch, len) = {(batch, seq_len)} (or (len,)), got {_shape(position_ids)}."
+        )
+    return pos.expand(batch, seq_len)
+
+
+def prepare_logits_to_keep(
+    logits_to_keep: Any, batch: int, seq_len: int, device: torch.device
+) -> Optional[Union[torch.Tensor, slice]]:
+    """The selection along ``(batch, len)``: None (all), a bool mask, a long index tensor or a slice (int N)."""
+    if logits_to_keep is None:
+        return None
+    if isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool):
+        if logits_to_keep < 0:
+            raise ValueError(f"An int `logits_to_keep` must be >= 0 (0 = all positions), got {logits_to_keep}.")
+        return None if logits_to_keep == 0 else slice(-logits_to_keep, None)
+    if not isinstance(logits_to_keep, torch.Tensor):
+        raise ValueError(
+            "`logits_to_keep` must be None, an int N >= 0 (the last N positions; 0 = all), a bool tensor of shape "
+            f"(batch, len) or a 1-D long tensor of positions, got {type(logits_to_keep).__name__}."
+        )
+    keep = logits_to_keep.to(device)
+    if keep.dtype == torch.bool:
+        if keep.shape != (batch, seq_len):
+            raise ValueError(
+                f"A boolean `logits_to_keep` must have shape (batch, len) = {(batch, seq_len)}, "
+                f"got {tuple(keep.shape)}."
+            )
+        return keep
+    if keep.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"`logits_to_keep` must be a bool or long tensor, got dtype {keep.dtype}.")
+    if keep.dim() != 1:
+        raise ValueError(f"An index `logits_to_keep` must be 1-D (positions), got shape {tuple(keep.shape)}.")
+    return keep.long()
+
+
+def check_no_kwargs(kwargs: dict[str, Any], method: str) -> None:
+    """Raise ``TypeError`` naming the keyword arguments ``method`` does not take (nothing is silently ignored)."""
+    if kwargs:
+        raise TypeError(f"{method} got unexpected keyword arguments: {sorted(kwargs)}.")
+
+
+def check_labels(labels: Any, batch: int, seq_len: int) -> None:
+    """Raise unless ``labels`` is a tensor of shape ``(batch, len)``."""
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (batch, seq_len):
+        raise ValueError(f"`labels` must have the shape of `input_ids` {(batch, seq_len)}, got {_shape(labels)}.")
+
+
+__all__ = [
+    "check_inputs",
+    "check_labels",
+    "check_no_kwargs",
+    "prepare_logits_to_keep",
+    "prepare_position_ids",
+    "prepare_timesteps",
+]
