@@ -77,8 +77,8 @@ card = render_pipeline_card(
     limitations=limitations,
     training_section=training.rstrip("\n"),
     evaluation_section=evaluation,
-    load_expression="dfm_hf.cli.bundled_model_path()",  # the usage snippet loads the copy inside the package
-    load_import="import dfm_hf.cli",
+    load_expression="dfm_hf.bundles.bundled_model_path()",  # the usage snippet loads the copy inside the package
+    load_import="import dfm_hf.bundles",
 )
 card.save(f"{folder}/README.md.tmp")  # then renamed: an interrupted run leaves the old card whole
 os.replace(f"{folder}/README.md.tmp", f"{folder}/README.md")

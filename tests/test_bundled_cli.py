@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from dfm_hf import DFMPipeline
+from dfm_hf.bundles import bundled_model_path
 from dfm_hf.bundles.shipped import small_model_path
-from dfm_hf.cli import bundled_model_path, main
+from dfm_hf.cli import main
 
 
 def _run(*args: str, offline: bool = True) -> subprocess.CompletedProcess:

@@ -16,9 +16,9 @@ import os
 import sys
 from typing import Optional
 
-from .bundles.shipped import bundled_model_path, require_bundled_model
+from .bundles.shipped import require_bundled_model
 
-__all__ = ["FILL_MARKER", "bundled_model_path", "generate", "main"]
+__all__ = ["FILL_MARKER", "generate", "main"]
 
 FILL_MARKER = "<|fill|>"
 

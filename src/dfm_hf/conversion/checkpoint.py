@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..hub.download import PICKLE_SUFFIXES, download_snapshot
+from ..hub.download import PICKLE_SUFFIXES, download_snapshot, is_repo_id
 from .families import _format_names
 
 #: Files a model download fetches: configs and safetensors weights. Never code, never pickles.
@@ -217,7 +217,7 @@ def resolve_folder(
         if not os.path.isdir(folder):
             raise OSError(f"{name} has no subfolder {subfolder!r}.")
         return folder
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or not name.strip():
+    if not is_repo_id(name):
         raise OSError(f"{name!r} is neither a folder nor a Hub repo id.")
     patterns = [f"{subfolder.strip('/')}/{p}" for p in allow_patterns] if subfolder else list(allow_patterns)
     snapshot = download_snapshot(

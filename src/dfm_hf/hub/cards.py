@@ -102,7 +102,7 @@ def render_pipeline_card(
     and a ``model-index`` with one result per numeric entry of ``metrics`` (when given). The body is the template
     ``dfm_hf/model_cards/pipeline_card.md``; ``training_section`` / ``evaluation_section`` (markdown) replace the
     sections made from ``training`` / ``metrics``; the usage snippet loads ``repo_id`` unless ``load_expression``
-    (Python code, e.g. ``dfm_hf.cli.bundled_model_path()``, with ``load_import`` its import line) says otherwise.
+    (Python code, e.g. ``dfm_hf.bundles.bundled_model_path()``, with ``load_import`` its import line) says otherwise.
     The values the body was rendered from are kept in the card, so pushing it elsewhere re-renders it.
     """
     from huggingface_hub import EvalResult, ModelCardData

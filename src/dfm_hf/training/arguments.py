@@ -14,6 +14,7 @@ import math
 import os
 from typing import Any
 
+from ..hub.download import is_repo_id
 from ..paths import COUPLINGS, PREDICTION_TYPES
 from .adapters import LORA_TARGET_MODULES, init_source
 from .losses import LOSS_TYPES, LOSS_WEIGHTINGS
@@ -250,7 +251,7 @@ def _check_source(flag: str, path: str) -> None:
     """A local folder (or file) must exist; anything else must look like a Hub repo id."""
     if os.path.exists(path):
         return
-    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or not path.strip():
+    if not is_repo_id(path):
         raise ValueError(f"`{flag}` {path!r} is neither an existing folder nor a Hub repo id.")
 
 
