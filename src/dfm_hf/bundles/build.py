@@ -17,6 +17,7 @@ import sys
 import tempfile
 from typing import Any, Optional, Union
 
+from ..evaluation.judge import SMOLLM2_INSTALL
 from ..training.adapters import EMBEDDING_ROWS_FILE, LORA_TARGET_MODULES, load_adapted_pipeline, save_embedding_rows
 from .format import (
     ADAPTER_DIR,
@@ -30,7 +31,6 @@ from .format import (
     MAX_BUNDLE_BYTES,
     MAX_LORA_RANK,
     SHAPE_CONFIG_KEYS,
-    SMOLLM2_INSTALL,
     folder_bytes,
     read_bundle,
 )

