@@ -16,7 +16,7 @@ import torch
 from dfm_hf import DFMPipeline
 from dfm_hf.bundles.build import main as build_main
 from dfm_hf.bundles.build import save_adapted_bundle, save_bundle_from_finetuned
-from dfm_hf.bundles.format import CACHE_ENV, SMOLLM2_INSTALL, STAMP_FILE, bundle_fingerprint, read_bundle
+from dfm_hf.bundles.format import CACHE_ENV, STAMP_FILE, bundle_fingerprint, read_bundle
 from dfm_hf.bundles.materialize import base_from_folder, materialize_bundle, materialized_path
 from dfm_hf.bundles.shipped import (
     ADAPTED_BUNDLE_NAME,
@@ -26,6 +26,7 @@ from dfm_hf.bundles.shipped import (
     resolve_bundled_model,
     small_model_path,
 )
+from dfm_hf.evaluation.judge import SMOLLM2_INSTALL
 from dfm_hf.pipelines import lora
 from dfm_hf.schedulers import DiscreteFlowScheduler
 
