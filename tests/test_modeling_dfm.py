@@ -323,8 +323,10 @@ _REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_remote_code_loads_without_dfm_hf(tmp_path):
+@pytest.mark.parametrize("block_size", [None, 4], ids=["bidirectional", "block"])
+def test_remote_code_loads_without_dfm_hf(tmp_path, block_size):
     model = make_model(
+        block_size=block_size,
         time_conditioning=True,
         num_key_value_heads=2,
         attention_bias=True,

@@ -177,6 +177,25 @@ def test_arguments_bad_flags_are_named(argv, flag):
         parsed(*argv)
 
 
+def test_block_diffusion_flags_are_shared_and_reach_the_collator():
+    from dfm_hf.training.lora_finetune import build_parser as lora_parser
+
+    for parser in (build_parser(), lora_parser()):
+        assert {"--block_size", "--complementary_masks"} <= set(parser._option_string_actions)
+    tok = tiny_tokenizer()
+    scheduler = DiscreteFlowScheduler(mask_token_id=tok.mask_token_id, vocab_size=len(tok))
+    rows = torch.randint(3, len(tok), (3, 16), generator=torch.Generator().manual_seed(0))
+    plain = make_collator(scheduler, parsed(), tok)
+    assert not plain.complementary_masks and "clean_ids" not in plain(rows)
+    paired = make_collator(scheduler, parsed("--complementary_masks"), tok, return_clean_ids=True)
+    batch = paired(rows)
+    assert batch["input_ids"].shape == (6, 16) and torch.equal(batch["clean_ids"][::2], rows)
+    assert ((batch["labels"][::2] != -100) ^ (batch["labels"][1::2] != -100)).all()  # unconditional: all once
+    assert parsed("--block_size", "4").model_config_fields["block_size"] == 4
+    with pytest.raises(ValueError, match="--block_size"):
+        parsed("--block_size", "0")
+
+
 def test_lora_arguments_default_alpha_and_targets():
     args = build_parser().parse_args(["--stdlib", "--output_dir", "o", "--lora_r", "4", "--init_from_pretrained", "x"])
     validate_lora_args(args)

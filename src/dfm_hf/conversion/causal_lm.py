@@ -1,7 +1,7 @@
 """Causal LMs of the Llama, Mistral and Qwen2 families (SmolLM2, TinyLlama, Qwen2.5...) as the starting point of a
 diffusion adaptation: ``logits_shift=True`` (the output at ``i - 1`` predicts token ``i``, as the causal LM was
-trained), bidirectional attention, a mask token added or reused. What ``DFMForMaskedGeneration.from_causal_lm``
-runs (:func:`causal_lm_to_dfm`).
+trained), bidirectional attention or block-causal attention (``block_size=K``: block diffusion), a mask token added
+or reused. What ``DFMForMaskedGeneration.from_causal_lm`` runs (:func:`causal_lm_to_dfm`).
 
 The causal LM is loaded by transformers' own classes (never remote code; safetensors or a dequantized GGUF) and its
 tensors are moved into the converted model strictly: every tensor used, every parameter filled, shapes checked.
@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..models.configuration_dfm import DFMConfig
+from ..models.configuration_dfm import DFMConfig, check_block_size
 from .checkpoint import HUB_KWARGS, MODEL_ALLOW_PATTERNS, resolve_folder
 from .families import (
     CAUSAL_LM_MODEL_TYPES,
@@ -30,8 +30,11 @@ from .loader import build_empty_model, finish_model, model_tensors, set_tensor
 TOKENIZER_ALLOW_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
 
-def causal_lm_config_to_dfm(config: Any, vocab_size: int, mask_token_id: int) -> dict[str, Any]:
-    """``DFMConfig`` keyword arguments for a Llama / Mistral / Qwen2 transformers config (``logits_shift=True``).
+def causal_lm_config_to_dfm(
+    config: Any, vocab_size: int, mask_token_id: int, block_size: Optional[int] = None
+) -> dict[str, Any]:
+    """``DFMConfig`` keyword arguments for a Llama / Mistral / Qwen2 transformers config (``logits_shift=True``;
+    ``block_size``: None for bidirectional attention, ``K`` for block diffusion, ``1`` being the causal LM itself).
 
     An active sliding window (Mistral, Qwen2 ``use_sliding_window``) caps ``max_position_embeddings`` at the window:
     within it, windowed attention is full attention, so the conversion stays exact. ``rope_parameters`` are copied
@@ -74,6 +77,7 @@ def causal_lm_config_to_dfm(config: Any, vocab_size: int, mask_token_id: int) ->
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         attention_bias=model_type == "qwen2",
         logits_shift=True,
+        block_size=check_block_size(block_size),
         mask_token_id=int(mask_token_id),
         **ids,
     )
@@ -150,7 +154,11 @@ def _mean_row(weight: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def convert_causal_lm(
-    cls: type, source_model: Any, mask_token_id: Optional[int] = None, real_vocab_size: Optional[int] = None
+    cls: type,
+    source_model: Any,
+    mask_token_id: Optional[int] = None,
+    real_vocab_size: Optional[int] = None,
+    block_size: Optional[int] = None,
 ) -> Any:
     """A ``cls`` model holding the weights of a loaded Llama / Mistral / Qwen2 causal LM (its tensors are shared, not
     copied, except the embedding and head when a row is added).
@@ -159,6 +167,7 @@ def convert_causal_lm(
     ``real_vocab_size`` (``len(tokenizer)``; default: the number of embedding rows) whose embedding row (and head row
     when untied) is the mean of the rows of the ``real_vocab_size`` real tokens; the table grows by one row only when
     that id is past its end (tokenizers smaller than their table, e.g. Qwen2's, reuse an unused padding row).
+    ``block_size``: see :func:`causal_lm_config_to_dfm`.
     """
     from transformers import PreTrainedModel
 
@@ -179,7 +188,7 @@ def convert_causal_lm(
             raise ValueError(f"the tokenizer has {real} tokens, more than the {rows} embedding rows of the model.")
         new_id, vocab = real, max(rows, real + 1)
         mask_token_id = new_id
-    config = DFMConfig(**causal_lm_config_to_dfm(source_config, vocab, mask_token_id))
+    config = DFMConfig(**causal_lm_config_to_dfm(source_config, vocab, mask_token_id, block_size))
     dtype = embed.dtype if embed.dtype.is_floating_point else torch.float32
     model = build_empty_model(cls, config, dtype, None)
     state = {k: v for k, v in source_model.state_dict().items() if not IGNORED_TENSOR_PATTERN.search(k)}
@@ -220,9 +229,11 @@ def causal_lm_to_dfm(
     pretrained_model_name_or_path_or_model: Any,
     mask_token: str = "<|mask|>",
     mask_token_id: Optional[int] = None,
+    block_size: Optional[int] = None,
     **load_kwargs: Any,
 ) -> Any:
-    """What ``DFMForMaskedGeneration.from_causal_lm`` runs: load (or take) a causal LM and convert it.
+    """What ``DFMForMaskedGeneration.from_causal_lm`` runs: load (or take) a causal LM and convert it (bidirectional,
+    or block diffusion with ``block_size=K``).
 
     A path or repo id is loaded with ``AutoModelForCausalLM.from_pretrained(..., **load_kwargs)`` (``gguf_file=``,
     ``revision=``, ``dtype=``... reach transformers; a GGUF is dequantized). Without ``mask_token_id`` the new mask
@@ -233,6 +244,7 @@ def causal_lm_to_dfm(
     """
     from transformers import PreTrainedModel
 
+    check_block_size(block_size)
     real_vocab = None
     if isinstance(pretrained_model_name_or_path_or_model, PreTrainedModel):
         if load_kwargs:
@@ -253,4 +265,6 @@ def causal_lm_to_dfm(
             "`pretrained_model_name_or_path_or_model` must be a path, a Hub repo id or a loaded transformers causal "
             f"LM, got {type(pretrained_model_name_or_path_or_model).__name__}."
         )
-    return convert_causal_lm(cls, source_model, mask_token_id=mask_token_id, real_vocab_size=real_vocab)
+    return convert_causal_lm(
+        cls, source_model, mask_token_id=mask_token_id, real_vocab_size=real_vocab, block_size=block_size
+    )

@@ -18,6 +18,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_dfm import DFMConfig
+from .masking import padding_positions, slice_visibility
 from .rotary import apply_rotary
 
 #: The time ``t`` in ``[0, 1]`` is scaled by this before its sinusoidal embedding (DiT's convention for 1000 steps).
@@ -185,6 +186,41 @@ class DFMAttention(nn.Module):
         )
         out = self.o_proj(out.reshape(batch, seq_len, -1))
         return out, (weights if output_attentions else None)
+
+
+def shift_hidden_states(
+    hidden_states: torch.Tensor,
+    position_ids: Optional[torch.Tensor] = None,
+    attention_mask: Optional[Any] = None,
+    block_size: Optional[int] = None,
+) -> torch.Tensor:
+    """The hidden state each query's token is predicted from under ``logits_shift``: the one at position
+    ``max(p - 1, 0)``.
+
+    Full attention without ``position_ids``: the positions are the sequence indices (a shift by one along ``len``).
+    With ``position_ids`` ``(batch, len)`` (a cached partial forward) or a ``block_size`` (default positions: the
+    row's, from a 2-D ``attention_mask``), the source is found by a position lookup among the slice's own entries:
+    the first entry at ``p - 1``; for a block model, among the entries the query attends to (so a left-padded row
+    reads a real token, and a block-diffusion training row ``[x_t | x_0]`` predicts the first token of a noisy block
+    from the clean half, as generation does). No host sync; a source missing from the slice is not detected (the
+    caller includes it): the lookup then falls back to the slice's first entry.
+    """
+    batch, seq_len = hidden_states.shape[:2]
+    visible = None
+    if block_size is not None:
+        if position_ids is None:
+            position_ids = padding_positions(attention_mask, seq_len)
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=hidden_states.device).expand(batch, -1)
+        visible = slice_visibility(attention_mask, position_ids, block_size)
+    if position_ids is None:
+        return torch.cat([hidden_states[:, :1], hidden_states[:, :-1]], dim=1)
+    target = (position_ids - 1).clamp_min(0)
+    match = position_ids[:, None, :] == target[:, :, None]  # [b, j, k]: slice entry k holds query j's source
+    if visible is not None:
+        match = match & visible
+    source = match.to(torch.uint8).argmax(dim=-1)
+    return hidden_states.gather(1, source[..., None].expand(-1, -1, hidden_states.shape[-1]))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,13 @@
 """Discrete Flow Matching denoiser: a bidirectional transformer that predicts ``p_{1|t}(x1 | x_t)``.
 
-Llama-style layering (config / attention / MLP / layer / model / head): pre-norm, RMSNorm, rotary position
-embeddings, gated SiLU MLP, bidirectional attention through transformers' attention interface (eager, SDPA, flex or
-flash attention; no causal mask unless one is passed as a 4-D mask), grouped-query key/value heads, optional q/k/v
-biases, an LM head (tied to the input embeddings or not), an optional logit shift (position ``i - 1`` predicts token
-``i``), and optional adaLN-Zero time conditioning (DiT). That covers LLaDA, Dream / DiffuCoder (Qwen2) and Llama /
-Mistral / Qwen2 causal LMs adapted to diffusion. A partial forward against a key/value cache (Fast-dLLM style prefix /
-dual caching) runs through ``past_key_values`` + ``position_ids`` (see :mod:`.cache`).
+Llama-style layering (config / attention / MLP / layer / model / head): pre-norm, RMSNorm, rotary position embeddings,
+gated SiLU MLP, bidirectional attention through transformers' attention interface (eager, SDPA, flex or flash attention;
+no causal mask unless one is passed as a 4-D mask) or block-causal attention (``config.block_size``: block diffusion),
+grouped-query key/value heads, optional q/k/v biases, an LM head (tied to the input embeddings or not), an optional
+logit shift (position ``i - 1`` predicts token ``i``), and optional adaLN-Zero time conditioning (DiT). That covers
+LLaDA, Dream / DiffuCoder (Qwen2) and Llama / Mistral / Qwen2 causal LMs adapted to diffusion. A partial forward against
+a key/value cache (Fast-dLLM style prefix / dual caching) runs through ``past_key_values`` + ``position_ids`` (see
+:mod:`.cache`); a block-diffusion model appends to a ``DynamicCache`` instead (exact).
 
 This file imports only ``torch``, ``transformers`` and its sibling files (configuration, rotary, masking, cache,
 losses, validation): ``save_pretrained`` copies them next to the weights, and the checkpoint loads as remote code with
@@ -35,15 +36,17 @@ from .layers import (
     DFMZeroLinear,
     attention_implementation,
     modulate,
+    shift_hidden_states,
 )
 from .loading import broken_weights_error, check_loading_info, checkpoint_model_type
 from .losses import masked_cross_entropy_loss
-from .masking import create_attention_mask
+from .masking import create_attention_mask, pattern_positions
 from .rotary import DFMRotaryEmbedding
 from .validation import (
     check_inputs,
     check_labels,
     check_no_kwargs,
+    prepare_block_size,
     prepare_logits_to_keep,
     prepare_position_ids,
     prepare_timesteps,
@@ -174,6 +177,7 @@ class DFMModel(DFMPreTrainedModel):
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        block_size: Optional[int] = None,
         **kwargs: Any,
     ) -> Union[DFMModelOutput, tuple]:
         """Hidden states ``(batch, len, hidden)`` of ``x_t`` (``input_ids`` or ``inputs_embeds``) at ``timesteps``.
@@ -192,10 +196,15 @@ class DFMModel(DFMPreTrainedModel):
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         device, dtype = hidden_states.device, hidden_states.dtype
 
-        cache, partial = prepare_cache(past_key_values)
-        key_len = check_cache(cache, config, batch, position_ids) if partial else seq_len
+        block_size = prepare_block_size(block_size, config.block_size)
+        cache, partial = prepare_cache(past_key_values, block_size)
+        appended = 0 if block_size is None else seq_len  # a block model appends to its cache; others write inside it
+        key_len = check_cache(cache, config, batch, position_ids, appended) + appended if partial else seq_len
         if position_ids is not None:
             position_ids = prepare_position_ids(position_ids, batch, seq_len, device)
+        # the length the positions belong to: the input, the cached sequence, or unknown (explicit positions)
+        rope_len = seq_len if position_ids is None else key_len if partial else None
+        position_ids, key_positions = pattern_positions(attention_mask, position_ids, key_len, partial, block_size)
         if use_cache and cache is None:
             cache = DynamicCache()
         mask = create_attention_mask(
@@ -208,14 +217,13 @@ class DFMModel(DFMPreTrainedModel):
             dtype=dtype,
             device=device,
             query_positions=position_ids,
-            key_positions=None if partial else position_ids,
+            key_positions=key_positions,
+            block_size=block_size,
         )
         t = prepare_timesteps(timesteps, batch, device)
         if config.time_conditioning and t is None:
             raise ValueError("`timesteps` are required by a model with `time_conditioning=True` (one per row).")
         time_condition = None if self.time_embedding is None else F.silu(self.time_embedding(t))
-        # the length the positions belong to: the input, the cached sequence, or unknown (explicit positions)
-        rope_len = seq_len if position_ids is None else key_len if partial else None
         position_embeddings = self.rotary_emb(position_ids, rope_len, device, dtype)
 
         all_hidden: list[torch.Tensor] = []
@@ -288,22 +296,6 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
             return x[keep]
         return x[:, keep]
 
-    @staticmethod
-    def _shifted(hidden_states: torch.Tensor, position_ids: Optional[torch.Tensor]) -> torch.Tensor:
-        """Hidden state read for each query's token under ``logits_shift``: the one at position ``max(p - 1, 0)``.
-
-        Without ``position_ids`` the positions are the sequence indices (a shift by one along ``len``). With them (a
-        cached partial forward), the source is found by a position lookup among the slice's own positions (the
-        first match; no host sync). A position ``p - 1`` missing from the slice is not detected (the caller includes
-        it): the lookup then falls back to the slice's first entry.
-        """
-        if position_ids is None:
-            return torch.cat([hidden_states[:, :1], hidden_states[:, :-1]], dim=1)
-        target = (position_ids - 1).clamp_min(0)
-        match = position_ids[:, None, :] == target[:, :, None]  # [b, j, k]: slice entry k holds query j's source
-        source = match.to(torch.uint8).argmax(dim=-1)
-        return hidden_states.gather(1, source[..., None].expand(-1, -1, hidden_states.shape[-1]))
-
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -318,6 +310,7 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         logits_to_keep: Optional[Union[int, torch.Tensor]] = 0,
+        block_size: Optional[int] = None,
         **kwargs: Any,
     ) -> Union[DFMMaskedGenerationOutput, tuple]:
         """Logits of ``p_{1|t}(. | x_t)`` for ``x_t = input_ids`` at times ``timesteps``.
@@ -329,7 +322,8 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
                 4-D additive float mask ``(batch, 1, len, key_len)`` (0 = attend, ``torch.finfo(dtype).min`` =
                 blocked), e.g. a causal or a DiffuLLaMA-style annealed mask; or a 4-D bool mask, True = attend.
                 ``key_len = len`` without a cache.
-            position_ids: ``(batch, len)`` absolute positions (default ``0..len-1``), in
+            position_ids: ``(batch, len)`` absolute positions (default ``0..len-1``; for a block model the row's
+                positions ``cumsum(attention_mask) - 1``, so padding does not count), in
                 ``[0, max_position_embeddings)`` (not checked). Required with a cache that holds entries.
             past_key_values: a ``Cache`` (or a sequence of ``(keys, values)`` pairs). Empty, a full forward fills it.
                 Holding the ``L`` positions of the rows (a cache from ``use_cache=True``, or a filled
@@ -338,7 +332,11 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
                 place in a ``DFMBlockCache``; in a copy for any other cache, which stays unmodified), and attend over
                 all ``L`` entries. Repeated positions are harmless when they carry the same token. Exact when the
                 cache was computed from the current rows; an approximation (Fast-dLLM's prefix / dual cache) when the
-                other positions changed since. ``cache=`` is another name of this argument.
+                other positions changed since. ``cache=`` is another name of this argument. A block model
+                (``config.block_size``) takes a ``DynamicCache`` (never a ``DFMBlockCache``) and APPENDS the
+                queries' keys and values to it (transformers' semantics; drop entries with
+                :func:`~.cache.crop_cache`): ``attention_mask`` then covers the cache and the queries, and each query
+                attends to the keys of its own and earlier blocks (key positions ``cumsum(attention_mask) - 1``).
             inputs_embeds: ``(batch, len, hidden_size)`` input embeddings instead of ``input_ids`` (soft prompts,
                 PEFT prompt tuning); exactly one of the two.
             timesteps: ``t`` per row, shape ``(batch,)``, or a scalar; required with ``time_conditioning=True``,
@@ -356,13 +354,16 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
                 With ``config.logits_shift`` the kept positions are those whose TOKEN is predicted; the hidden
                 state read is the one at ``max(p - 1, 0)``, which a cached partial forward must include in
                 ``position_ids`` (not checked).
+            block_size: a block model's block length for this call, a multiple of ``config.block_size`` (default):
+                a model may decode with larger blocks than it was trained with (SDAR does).
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         if past_key_values is None:
             past_key_values = kwargs.pop("cache", None)
         check_no_kwargs(kwargs, "DFMForMaskedGeneration.forward()")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        cache, partial = prepare_cache(past_key_values)
+        block_size = prepare_block_size(block_size, self.config.block_size)
+        cache, partial = prepare_cache(past_key_values, block_size)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -374,14 +375,15 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            block_size=block_size,
         )
         hidden_states = outputs.last_hidden_state
         batch, seq_len = hidden_states.shape[:2]
         if self.config.logits_shift:
             shift_positions = None
-            if partial:  # a partial forward: look the sources up by position
+            if partial or block_size is not None and position_ids is not None:
                 shift_positions = prepare_position_ids(position_ids, batch, seq_len, hidden_states.device)
-            hidden_states = self._shifted(hidden_states, shift_positions)
+            hidden_states = shift_hidden_states(hidden_states, shift_positions, attention_mask, block_size)
         keep = prepare_logits_to_keep(logits_to_keep, batch, seq_len, hidden_states.device)
         logits = self.lm_head(self._select(hidden_states, keep))
 
@@ -448,6 +450,7 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
         pretrained_model_name_or_path_or_model: Any,
         mask_token: str = "<|mask|>",
         mask_token_id: Optional[int] = None,
+        block_size: Optional[int] = None,
         **load_kwargs: Any,
     ) -> Any:
         """A DFM model from a Llama / Mistral / Qwen2 causal LM (SmolLM2, TinyLlama, Qwen2.5, Qwen2.5-Coder...).
@@ -455,11 +458,12 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
         ``pretrained_model_name_or_path_or_model``: a path or Hub repo id (loaded with
         ``AutoModelForCausalLM.from_pretrained(..., **load_kwargs)``: ``gguf_file=``, ``revision=``, ``dtype=`` reach
         transformers; a GGUF is dequantized) or a loaded causal LM. The result has ``logits_shift=True``, bidirectional
-        attention, the causal LM's vocabulary and special ids, and a mask token: ``mask_token_id`` reuses that existing
-        id; otherwise a new id ``len(tokenizer)`` (the tokenizer stored with the model; the number of embedding rows
-        for a model instance) whose embedding row (and head row, when untied) is the mean of the real tokens' rows.
-        Add ``mask_token`` to the tokenizer (``tokenizer.add_special_tokens({"mask_token": mask_token})``) and it gets
-        that id; ``DFMPipeline.from_causal_lm`` does it for you. Tied embeddings stay tied. Other architectures raise
+        attention (``block_size=K``: block diffusion, see :class:`DFMConfig`), the causal LM's vocabulary and special
+        ids, and a mask token: ``mask_token_id`` reuses that existing id; otherwise a new id ``len(tokenizer)`` (the
+        tokenizer stored with the model; the number of embedding rows for a model instance) whose embedding row (and
+        head row, when untied) is the mean of the real tokens' rows. Add ``mask_token`` to the tokenizer
+        (``tokenizer.add_special_tokens({"mask_token": mask_token})``) and it gets that id;
+        ``DFMPipeline.from_causal_lm`` does it for you. Tied embeddings stay tied. Other architectures raise
         ``ValueError``. A loaded model's weights are shared with the result, not copied (except a grown embedding /
         head): convert a ``copy.deepcopy`` of it if the source must stay unchanged while the result trains. See
         ``dfm_hf.conversion.causal_lm_to_dfm``.
@@ -467,7 +471,7 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
         conversion = importlib.import_module("dfm_hf.conversion")  # by name: see from_pretrained
         source = pretrained_model_name_or_path_or_model
         return conversion.causal_lm_to_dfm(
-            cls, source, mask_token=mask_token, mask_token_id=mask_token_id, **load_kwargs
+            cls, source, mask_token=mask_token, mask_token_id=mask_token_id, block_size=block_size, **load_kwargs
         )
 
 

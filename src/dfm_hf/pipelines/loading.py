@@ -132,13 +132,14 @@ class DFMPipelineLoadingMixin:
         mask_token: str = "<|mask|>",
         mask_token_id: Optional[int] = None,
         tokenizer: Any = None,
+        block_size: Optional[int] = None,
         **load_kwargs: Any,
     ) -> Any:
         """A pipeline around :meth:`DFMForMaskedGeneration.from_causal_lm` (Llama / Mistral / Qwen2 families): the
-        converted model, the causal LM's tokenizer with the mask token added (or ``mask_token_id`` reused), the
-        default scheduler and the shipped presets. ``load_kwargs`` reach transformers (``gguf_file=``,
-        ``revision=``, ``dtype=``). The result needs diffusion adaptation training (``dfm-hf train
-        --init_from_causal_lm``) before it generates well.
+        converted model (bidirectional, or block diffusion with ``block_size=K``), the causal LM's tokenizer with the
+        mask token added (or ``mask_token_id`` reused), the default scheduler and the shipped presets. ``load_kwargs``
+        reach transformers (``gguf_file=``, ``revision=``, ``dtype=``). The result needs diffusion adaptation training
+        (``dfm-hf train --init_from_causal_lm``) before it generates well.
         """
         from .released import causal_lm_pipeline_components
 
@@ -147,6 +148,7 @@ class DFMPipelineLoadingMixin:
             mask_token=mask_token,
             mask_token_id=mask_token_id,
             tokenizer=tokenizer,
+            block_size=block_size,
             **load_kwargs,
         )
         source = pretrained_model_name_or_path_or_model

@@ -209,11 +209,13 @@ def causal_lm_pipeline_components(
     mask_token: str = "<|mask|>",
     mask_token_id: Optional[int] = None,
     tokenizer: Any = None,
+    block_size: Optional[int] = None,
     **load_kwargs: Any,
 ) -> dict[str, Any]:
     """``{"model", "tokenizer", "scheduler", "scheduler_presets"}`` for a Llama / Mistral / Qwen2 causal LM.
 
-    The model is :meth:`DFMForMaskedGeneration.from_causal_lm`'s conversion; the tokenizer (loaded from the same
+    The model is :meth:`DFMForMaskedGeneration.from_causal_lm`'s conversion (``block_size=K``: block diffusion);
+    the tokenizer (loaded from the same
     folder or repo unless given; required for a model instance) gets the mask token: ``mask_token_id`` given ->
     the token at that id becomes the mask token (its embedding row is kept); otherwise ``mask_token`` is added as a
     special token with id ``len(tokenizer)``, whose embedding row (and head row when untied) is the mean of the real
@@ -227,7 +229,9 @@ def causal_lm_pipeline_components(
     from transformers import PreTrainedModel
 
     from ..models import DFMForMaskedGeneration
+    from ..models.configuration_dfm import check_block_size
 
+    check_block_size(block_size)
     source = pretrained_model_name_or_path_or_model
     if isinstance(source, PreTrainedModel):
         if load_kwargs:
@@ -250,7 +254,9 @@ def causal_lm_pipeline_components(
         new_id = None
     if source_model is None:
         source_model = load_causal_lm(source, load_kwargs)
-    model = convert_causal_lm(DFMForMaskedGeneration, source_model, mask_token_id=mask_token_id, real_vocab_size=new_id)
+    model = convert_causal_lm(
+        DFMForMaskedGeneration, source_model, mask_token_id=mask_token_id, real_vocab_size=new_id, block_size=block_size
+    )
     where = f"causal LM {str(getattr(source_model.config, '_name_or_path', '') or type(source_model).__name__)!r}"
     if new_id is not None:
         tokenizer.add_special_tokens({"mask_token": mask_token})

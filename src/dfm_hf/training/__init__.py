@@ -1,7 +1,7 @@
 """Training: the DFM data collator (t, x_t, labels, couplings), DiffuLLaMA-style attention annealing masks, the
-training losses, and the scripts (``train.py``, ``lora_finetune.py``) with their parts: ``arguments`` (flags and
-checks), ``batches`` (rows and the reproducible batch plan), ``checkpoints`` (save / resume), ``adapters`` (the base
-model to adapt, LoRA, the shippable adapter folder).
+training losses, the block-diffusion objective (``block_diffusion``), and the scripts (``train.py``,
+``lora_finetune.py``) with their parts: ``arguments`` (flags and checks), ``batches`` (rows and the reproducible batch
+plan), ``checkpoints`` (save / resume), ``adapters`` (the base model to adapt, LoRA, the shippable adapter folder).
 
 Names resolve lazily: a name's submodule is imported on its first use.
 """
@@ -17,6 +17,8 @@ _EXPORTS = {
     "DFMDataCollator": ".collator",
     "annealed_attention_mask": ".collator",
     "annealing_visible_fraction": ".collator",
+    "block_diffusion_inputs": ".block_diffusion",
+    "block_diffusion_logits": ".block_diffusion",
     "LOSS_TYPES": ".losses",
     "LOSS_WEIGHTINGS": ".losses",
     "batch_loss": ".losses",

@@ -41,6 +41,7 @@ __all__ = [
     "load_init_pipeline",
     "save_embedding_rows",
     "save_training_adapter",
+    "set_block_size",
     "write_embedding_rows",
 ]
 
@@ -76,19 +77,32 @@ def load_init_pipeline(args: argparse.Namespace) -> Any:
     from ..pipelines import DFMPipeline
 
     flag, path = source
+    block_size = getattr(args, "block_size", None)
     try:
         if flag == "--init_from_causal_lm":
             kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
             pipe = DFMPipeline.from_causal_lm(
-                path, mask_token=args.mask_token or DEFAULT_MASK_TOKEN, mask_token_id=args.mask_token_id, **kwargs
+                path,
+                mask_token=args.mask_token or DEFAULT_MASK_TOKEN,
+                mask_token_id=args.mask_token_id,
+                block_size=block_size,
+                **kwargs,
             )
         else:
             pipe = DFMPipeline.from_pretrained(path)
+            set_block_size(pipe.model, block_size)
     except (ValueError, OSError, TypeError) as e:
         raise ValueError(f"`{flag}` {path!r}: {e}") from e
     if pipe.tokenizer is None:
         raise ValueError(f"`{flag}` {path!r} has no tokenizer.")
     return pipe
+
+
+def set_block_size(model: torch.nn.Module, block_size: Optional[int]) -> None:
+    """Make a loaded ``model`` a block-diffusion model with blocks of ``block_size`` positions (``config.block_size``;
+    the weights do not change); ``None`` keeps the model's own."""
+    if block_size is not None:
+        model.config.block_size = block_size
 
 
 def check_lora_targets(model: torch.nn.Module, targets: list[str], flag: str = "--lora_target_modules") -> None:
@@ -163,14 +177,16 @@ def write_embedding_rows(model: torch.nn.Module, tensors: dict[str, torch.Tensor
 
 
 def base_recipe(args: argparse.Namespace) -> dict[str, Any]:
-    """What ``dfm_base.json`` records: the ``from_causal_lm`` arguments of the run, or its pretrained path."""
+    """What ``dfm_base.json`` records: the ``from_causal_lm`` arguments of the run, or its pretrained path (and
+    ``block_size`` when ``--block_size`` set it)."""
     flag, source = init_source(args)
+    block = {"block_size": args.block_size} if getattr(args, "block_size", None) is not None else {}
     if flag != "--init_from_causal_lm":
-        return {"init_from_pretrained": source}
+        return {"init_from_pretrained": source, **block}
     reused = args.mask_token_id is not None  # an existing token is the mask: no new token string
     mask_token = None if reused else (args.mask_token or DEFAULT_MASK_TOKEN)
     return {"init_from_causal_lm": source, "gguf_file": args.gguf_file, "mask_token": mask_token,
-            "mask_token_id": args.mask_token_id}  # fmt: skip
+            "mask_token_id": args.mask_token_id, **block}  # fmt: skip
 
 
 def save_training_adapter(peft_model: Any, args: argparse.Namespace, final: dict[str, Any]) -> str:
@@ -240,10 +256,15 @@ def load_adapted_pipeline(adapter_dir: str, fuse: bool = True) -> Any:
         kwargs = {"gguf_file": recipe["gguf_file"]} if recipe.get("gguf_file") else {}
         mask_token = recipe.get("mask_token") or DEFAULT_MASK_TOKEN
         pipe = DFMPipeline.from_causal_lm(
-            recipe["init_from_causal_lm"], mask_token=mask_token, mask_token_id=recipe.get("mask_token_id"), **kwargs
+            recipe["init_from_causal_lm"],
+            mask_token=mask_token,
+            mask_token_id=recipe.get("mask_token_id"),
+            block_size=recipe.get("block_size"),
+            **kwargs,
         )
     else:
         pipe = DFMPipeline.from_pretrained(recipe["init_from_pretrained"])
+        set_block_size(pipe.model, recipe.get("block_size"))
     pipe.model.to(torch.float32)
     rows_file = os.path.join(adapter_dir, EMBEDDING_ROWS_FILE)
     if os.path.isfile(rows_file):

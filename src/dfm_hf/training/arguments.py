@@ -12,7 +12,7 @@ import argparse
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Optional
 
 from ..hub.download import is_repo_id
 from ..paths import COUPLINGS, PREDICTION_TYPES
@@ -26,6 +26,7 @@ __all__ = [
     "MIXED_PRECISION",
     "TOKEN_ID_KEYS",
     "add_adaptation_arguments",
+    "add_block_diffusion_arguments",
     "add_data_arguments",
     "add_logging_arguments",
     "add_optimisation_arguments",
@@ -33,6 +34,7 @@ __all__ = [
     "parse_coupling",
     "validate_adaptation_args",
     "validate_args",
+    "validate_block_diffusion",
     "validate_common_args",
     "validate_lora_args",
 ]
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scheduler_config", default=None, help="scheduler_config.json (kappa schedule, source)")
     t.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=None)
     add_adaptation_arguments(p)
+    add_block_diffusion_arguments(p)
     o = add_optimisation_arguments(p)
     o.add_argument("--max_train_minutes", type=float, default=None, help="stop (and save) after this wall time")
     c = add_logging_arguments(p)
@@ -100,6 +103,26 @@ def add_adaptation_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGr
     a.add_argument("--lora_dropout", type=float, default=0.0)
     a.add_argument("--lora_target_modules", default=",".join(LORA_TARGET_MODULES), help="comma-separated layer names")
     return a
+
+
+def add_block_diffusion_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The block-diffusion flags (shared by the training and fine-tuning scripts)."""
+    b = p.add_argument_group("block diffusion")
+    b.add_argument(
+        "--block_size",
+        type=int,
+        default=None,
+        help="train a block-diffusion model with blocks of K positions (config.block_size = K: bidirectional inside "
+        "a block, causal across blocks), on BD3-LM's objective [x_t | x_1] in one forward; default: the model's "
+        "own (full attention for a new or converted model)",
+    )
+    b.add_argument(
+        "--complementary_masks",
+        action="store_true",
+        help="pair each row with its complement (the other corruptible positions masked; Fast-dLLM v2): every "
+        "position is scored once per pair, and each micro-batch holds 2 x --train_batch_size rows (mask source)",
+    )
+    return b
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -219,6 +242,11 @@ def validate_common_args(args: argparse.Namespace) -> None:
             "is weighted by kappa'_t / (1 - kappa_t) already)."
         )
     args.coupling_spec = parse_coupling(args.coupling)
+    if args.block_size is not None and not 1 <= args.block_size <= args.seq_len:
+        raise ValueError(
+            f"`--block_size` must be an integer in [1, --seq_len={args.seq_len}] (positions per block), got "
+            f"{args.block_size}."
+        )
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -292,11 +320,29 @@ def validate_adaptation_args(args: argparse.Namespace) -> None:
         raise ValueError(
             f"`--attention_annealing_steps` must be >= 0 (0 = bidirectional), got {args.attention_annealing_steps}."
         )
+    validate_block_diffusion(args, args.block_size)
     validate_lora_args(args, require_base=source is None and args.lora_r > 0)
     if args.sft and source is None and args.tokenizer_name_or_path is None:
         raise ValueError(
             "`--sft` needs a tokenizer that knows the data's format: pass `--init_from_causal_lm`, "
             "`--init_from_pretrained` or `--tokenizer_name_or_path`."
+        )
+
+
+def validate_block_diffusion(
+    args: argparse.Namespace, block_size: Optional[int], source_distribution: Optional[str] = None
+) -> None:
+    """The block-diffusion flags against the run's model (its ``block_size``) and training path (its
+    ``source_distribution``, when known): ``ValueError`` naming the flag."""
+    if block_size is not None and getattr(args, "attention_annealing_steps", 0):
+        raise ValueError(
+            f"`--attention_annealing_steps` anneals towards full attention, but the model is a block-diffusion model "
+            f"(block_size={block_size}) that keeps its block-causal pattern from the first step: drop one of the two."
+        )
+    if args.complementary_masks and source_distribution not in (None, "mask"):
+        raise ValueError(
+            "`--complementary_masks` masks the complement of each row's masked positions: it needs the mask source "
+            f"(the training path's source is {source_distribution!r})."
         )
 
 
@@ -341,6 +387,8 @@ def _model_config_fields(args: argparse.Namespace) -> dict[str, Any]:
     saving_keys = ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype")
     for k in saving_keys + TOKEN_ID_KEYS:
         fields.pop(k, None)  # the ids (and the vocabulary size) come from the tokenizer
+    if args.block_size is not None:
+        fields["block_size"] = args.block_size
     try:
         config = DFMConfig(**fields)
     except (TypeError, ValueError) as e:

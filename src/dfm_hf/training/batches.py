@@ -184,10 +184,15 @@ def load_sft_rows(
     return train, val
 
 
-def make_collator(scheduler: Any, args: argparse.Namespace, tokenizer: Any) -> DFMDataCollator:
-    """The training collator: the scheduler's path, ``--coupling`` and ``--time_sampling``."""
+def make_collator(
+    scheduler: Any, args: argparse.Namespace, tokenizer: Any, return_clean_ids: bool = False
+) -> DFMDataCollator:
+    """The training collator: the scheduler's path, ``--coupling``, ``--time_sampling`` and
+    ``--complementary_masks``; ``return_clean_ids`` for a block-diffusion model (the clean half of its input)."""
     return DFMDataCollator(scheduler=scheduler, coupling=args.coupling_spec, time_sampling=args.time_sampling,
-                           pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                           pad_token_id=tokenizer.pad_token_id,
+                           complementary_masks=bool(getattr(args, "complementary_masks", False)),
+                           return_clean_ids=return_clean_ids)  # fmt: skip
 
 
 def collator_seed(seed: int, global_index: int) -> int:

@@ -95,6 +95,7 @@ def training_recipe(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, "lora_r", 0)
         else None,
         "sft": bool(getattr(args, "sft", False)),
+        **({"complementary_masks": True} if getattr(args, "complementary_masks", False) else {}),
     }
 
 
@@ -105,10 +106,14 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def config_signature(config: Any) -> dict[str, Any]:
-    """The model config values a checkpoint's weights depend on (shapes, time conditioning, the mask id)."""
+    """The model config values a checkpoint's weights depend on (shapes, time conditioning, the mask id, the block
+    size of a block-diffusion model)."""
     keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     keys += ("max_position_embeddings", "time_conditioning", "mask_token_id")
-    return {k: getattr(config, k) for k in keys}
+    signature = {k: getattr(config, k) for k in keys}
+    if getattr(config, "block_size", None) is not None:  # the attention pattern the weights were trained under
+        signature["block_size"] = config.block_size
+    return signature
 
 
 def save_checkpoint(accelerator: Any, args: argparse.Namespace, step: int, config: Any, tokenizer: Any) -> None:

@@ -62,6 +62,12 @@ class DFMDataCollator:
         pad_token_id: id used to pad rows of different lengths (required then).
         pad_to_multiple_of: round the padded length up to a multiple of this.
         generator: a ``torch.Generator`` for reproducible batches.
+        complementary_masks: Fast-dLLM v2's complementary masking (mask source only): each drawn row is followed by
+            its complement, the same clean row and conditioning with exactly the other corruptible positions masked,
+            at the time ``t'`` with ``1 - kappa_{t'} = kappa_t`` (clipped to ``t_max``). Every corruptible position
+            is scored in exactly one row of each pair, and the batch holds twice the rows given.
+        return_clean_ids: also return ``clean_ids`` (``x1``, the clean rows, padded), which the block-diffusion
+            objective feeds as the clean half of its input.
 
     Call it on a list of examples (mappings with ``input_ids`` and optional ``attention_mask`` / ``condition_mask``,
     or plain id sequences), on a batch mapping of such lists / tensors, or on a ``(batch, len)`` LongTensor (no
@@ -84,6 +90,8 @@ class DFMDataCollator:
     pad_token_id: Optional[int] = None
     pad_to_multiple_of: Optional[int] = None
     generator: Optional[torch.Generator] = None
+    complementary_masks: bool = False
+    return_clean_ids: bool = False
     _schedule: paths.KappaSchedule = field(init=False, repr=False)
     _coupling_names: tuple[str, ...] = field(init=False, repr=False)
     _coupling_probs: torch.Tensor = field(init=False, repr=False)
@@ -158,6 +166,14 @@ class DFMDataCollator:
             )
         if self.generator is not None and not isinstance(self.generator, torch.Generator):
             raise ValueError(f"`generator` must be a torch.Generator or None, got {type(self.generator).__name__}.")
+        for name in ("complementary_masks", "return_clean_ids"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
+        if self.complementary_masks and self.source_distribution != "mask":
+            raise ValueError(
+                "`complementary_masks` pairs each row with the complement of its masked positions: it needs the mask "
+                f"source, got `source_distribution`={self.source_distribution!r}."
+            )
 
     @property
     def schedule(self) -> paths.KappaSchedule:
@@ -267,7 +283,8 @@ class DFMDataCollator:
         return cond
 
     def __call__(self, features: Any) -> dict[str, torch.Tensor]:
-        """Build ``{input_ids, timesteps, labels, condition_mask, attention_mask, kappa_rate}`` from clean data."""
+        """Build ``{input_ids, timesteps, labels, condition_mask, attention_mask, kappa_rate}`` (and ``clean_ids``)
+        from clean data."""
         x1, real, given, has_given = self._collate(features)
         if self.vocab_size is not None:
             low, high = int(x1[real].min()) if real.any() else 0, int(x1[real].max()) if real.any() else 0
@@ -282,12 +299,14 @@ class DFMDataCollator:
         x0 = torch.where(real, x0, x1)  # padding is never corrupted
         x_t = paths.sample_path(x1, x0, t.double(), self._schedule, self.generator, condition_mask=cond | ~real)
 
+        if self.complementary_masks:
+            x1, x0, x_t, t, real, cond = self._with_complements(x1, x0, x_t, t, real, cond)
         scored = real & ~cond
         if self.source_distribution == "mask":
             scored &= x_t == self.mask_token_id
         target = x1 if self.prediction_type == "sample" else x0
         labels = torch.where(scored, target, torch.full_like(target, IGNORE_INDEX))
-        return {
+        out = {
             "input_ids": x_t,
             "timesteps": t,
             "labels": labels,
@@ -295,6 +314,42 @@ class DFMDataCollator:
             "attention_mask": real.long(),
             "kappa_rate": self._schedule.rate(t.double()).to(torch.float32),
         }
+        if self.return_clean_ids:
+            out["clean_ids"] = x1
+        return out
+
+    def _with_complements(
+        self,
+        x1: torch.Tensor,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        real: torch.Tensor,
+        cond: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """Each row followed by its complement (see ``complementary_masks``): rows ``2i`` and ``2i + 1``."""
+        corruptible = real & ~cond
+        masked = corruptible & (x_t == self.mask_token_id)
+        x_c = torch.where(corruptible & ~masked, torch.full_like(x1, self.mask_token_id), x1)
+        t_c = inverse_kappa(self._schedule, 1.0 - self._schedule.kappa(t.double())).clamp(0.0, self.t_max)
+
+        def pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.stack([a, b], dim=1).flatten(0, 1)
+
+        t_c = t_c.to(t.dtype)
+        return pairs(x1, x1), pairs(x0, x0), pairs(x_t, x_c), pairs(t, t_c), pairs(real, real), pairs(cond, cond)
+
+
+def inverse_kappa(schedule: paths.KappaSchedule, kappa: torch.Tensor, iterations: int = 60) -> torch.Tensor:
+    """The time ``t`` in ``[0, 1]`` with ``kappa_t = kappa``, for any increasing schedule: bisection in float64
+    (``iterations`` halvings of ``[0, 1]``; 60 reach float64 resolution)."""
+    target = torch.as_tensor(kappa, dtype=torch.float64)
+    low, high = torch.zeros_like(target), torch.ones_like(target)
+    for _ in range(iterations):
+        mid = 0.5 * (low + high)
+        below = schedule.kappa(mid).to(torch.float64) < target
+        low, high = torch.where(below, mid, low), torch.where(below, high, mid)
+    return 0.5 * (low + high)
 
 
 def annealing_visible_fraction(step: int, annealing_steps: int) -> float:
@@ -333,4 +388,5 @@ __all__ = [
     "DFMDataCollator",
     "annealed_attention_mask",
     "annealing_visible_fraction",
+    "inverse_kappa",
 ]

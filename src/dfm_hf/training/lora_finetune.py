@@ -9,7 +9,9 @@ the adapter (``adapter_config.json`` + ``adapter_model.safetensors`` + a card na
 
 The base may be a released LLaDA / Dream / DiffuCoder folder or repo (converted on load by
 ``DFMPipeline.from_pretrained``; their projections carry the same names). ``--sft`` trains on prompt/completion or
-chat data (the prompt conditions; only the response and its EOS are corrupted and scored).
+chat data (the prompt conditions; only the response and its EOS are corrupted and scored). ``--block_size K``
+trains the adapter on the block-diffusion objective of a base made a block model (:mod:`.block_diffusion`); the
+adapter alone does not carry that: load it on a base with ``config.block_size = K`` (the ``--merge`` folder does).
 
 peft is called directly (``get_peft_model``, ``PeftModel.save_pretrained``, ``merge_and_unload``): transformers 5.24's
 own adapter methods refuse peft < 0.22. Load the adapter with ``DFMPipeline.load_lora_weights(output_dir)``.
@@ -24,8 +26,15 @@ from typing import Any, Optional
 
 import torch
 
-from .adapters import LORA_TARGET_MODULES, check_lora_targets
-from .arguments import add_data_arguments, add_logging_arguments, add_optimisation_arguments, validate_common_args
+from .adapters import LORA_TARGET_MODULES, check_lora_targets, set_block_size
+from .arguments import (
+    add_block_diffusion_arguments,
+    add_data_arguments,
+    add_logging_arguments,
+    add_optimisation_arguments,
+    validate_block_diffusion,
+    validate_common_args,
+)
 from .batches import BatchPlan, data_files, load_rows, make_collator
 from .train import evaluate_model, make_accelerator, make_logger, make_optimizer, run_record, train_step
 
@@ -52,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--hub_model_id", default=None, help="adapter repo id named in its card (default: the folder name)")
     add_data_arguments(p)
+    add_block_diffusion_arguments(p)
     add_optimisation_arguments(p, learning_rate=1e-3, warmup_steps=10, max_train_steps=200)
     add_logging_arguments(p)
     return p
@@ -72,7 +82,8 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def load_base_pipeline(args: argparse.Namespace) -> Any:
-    """The base ``DFMPipeline`` of ``--pretrained_model_name_or_path``, checked against ``--seq_len``, targets."""
+    """The base ``DFMPipeline`` of ``--pretrained_model_name_or_path``, checked against ``--seq_len``, targets;
+    with ``--block_size`` its model becomes a block-diffusion model."""
     from ..pipelines import DFMPipeline
 
     name = args.pretrained_model_name_or_path
@@ -89,6 +100,7 @@ def load_base_pipeline(args: argparse.Namespace) -> Any:
     if args.seq_len > max_len:
         raise ValueError(f"`--seq_len` {args.seq_len} exceeds the base model's max_position_embeddings={max_len}.")
     check_lora_targets(pipe.model, args.target_modules_list, flag="--target_modules")
+    set_block_size(pipe.model, args.block_size)
     return pipe
 
 
@@ -115,6 +127,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         raise ValueError(
             "`--loss_weighting inverse_t` needs the mask source; the base pipeline's scheduler uses another."
         )
+    validate_block_diffusion(args, pipe.model.config.block_size, scheduler.config.source_distribution)
     train_rows, val_rows = load_rows(args, tokenizer, train_files, val_files, accelerator)
 
     # ---- from here on, things are written
@@ -134,7 +147,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     world = accelerator.num_processes
     optimizer, lr_sched = make_optimizer(trainable, args, world)
-    collator = make_collator(scheduler, args, tokenizer)
+    collator = make_collator(scheduler, args, tokenizer, return_clean_ids=model.config.block_size is not None)
     num_rows = None if args.streaming else len(train_rows)
     plan = BatchPlan(num_rows, args.train_batch_size, args.gradient_accumulation_steps, world, args.seed)
     log = make_logger(args.output_dir, main_proc)

@@ -12,6 +12,10 @@ Mistral / Qwen2 causal LM converted by ``DFMPipeline.from_causal_lm``, trained w
 or LoRA (plus the mask embedding row; the output folder then also holds the shippable ``adapter/``). ``--sft`` reads
 prompt/completion or chat data (the prompt conditions, only the response and its EOS are scored).
 
+Block diffusion (``--block_size K``, or a base / ``--model_config`` that has ``block_size``): the model attends
+bidirectionally inside blocks of ``K`` positions and causally across them, and trains on BD3-LM's vectorized objective
+(:mod:`.block_diffusion`: ``[x_t | x_1]`` in one forward); ``--complementary_masks`` pairs each row with its complement.
+
 Two CPU processes: ``torchrun --nproc_per_node 2 examples/train_dfm.py ...`` (or ``accelerate launch --multi_gpu``;
 on a CPU-only machine ``accelerate launch --num_processes 2``, with or without ``--cpu``, starts ONE process). The
 first line of ``logs/metrics.jsonl`` (``"event": "start"``) records the real group size and backend.
@@ -31,8 +35,9 @@ import torch
 
 from ..models.losses import IGNORE_INDEX, generalized_kl_loss
 from .adapters import apply_lora, check_lora_targets, init_source, load_init_pipeline, save_training_adapter
-from .arguments import TOKEN_ID_KEYS, build_parser, validate_args
+from .arguments import TOKEN_ID_KEYS, build_parser, validate_args, validate_block_diffusion
 from .batches import BatchPlan, data_files, draw_micro_batch, load_rows, make_collator
+from .block_diffusion import scored_logits
 from .checkpoints import read_checkpoint_step, resolve_resume, save_checkpoint
 from .collator import DFMDataCollator, annealing_visible_fraction
 from .losses import batch_loss, kappa_rate
@@ -129,11 +134,13 @@ def train_step(
 
     Each micro-batch (and with ``--attention_annealing_steps`` its attention mask) is drawn by
     :func:`~.batches.draw_micro_batch`, so the step is a pure function of (seed, step, model state). The LM head runs
-    only at the scored positions (the loss reads nothing else); the loss is :func:`~.losses.batch_loss` of ``--loss``
-    and ``--loss_weighting``. Returns the loss averaged over micro-steps and processes.
+    only at the scored positions (the loss reads nothing else; :func:`~.block_diffusion.scored_logits`: a block model
+    trains on the block-diffusion objective); the loss is :func:`~.losses.batch_loss` of ``--loss`` and
+    ``--loss_weighting``. Returns the loss averaged over micro-steps and processes.
     """
     visible = annealing_visible_fraction(step, getattr(args, "attention_annealing_steps", 0))
     weighting = getattr(args, "loss_weighting", "none")
+    unwrapped = accelerator.unwrap_model(model)
     losses = []
     for micro in range(args.gradient_accumulation_steps):
         batch, attention = draw_micro_batch(
@@ -141,12 +148,7 @@ def train_step(
         )
         batch = {k: v.to(accelerator.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with accelerator.accumulate(model):
-            logits = model(
-                input_ids=batch["input_ids"],
-                attention_mask=attention.to(accelerator.device),
-                timesteps=batch["timesteps"],
-                logits_to_keep=batch["labels"] != IGNORE_INDEX,
-            ).logits
+            logits = scored_logits(model, batch, attention.to(accelerator.device), unwrapped)
             loss = batch_loss(logits, batch, args.loss, weighting)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -197,6 +199,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         scheduler = _scheduler(args, tokenizer)
     if args.loss_weighting == "inverse_t" and scheduler.config.source_distribution != "mask":
         raise ValueError("`--loss_weighting inverse_t` needs the mask source (`--scheduler_config` sets another).")
+    validate_block_diffusion(args, config.block_size, scheduler.config.source_distribution)
     if base is not None and args.lora_r:
         check_lora_targets(base.model, args.lora_target_modules_list)
     resume = resolve_resume(args, config, tokenizer)
@@ -215,7 +218,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, lr_sched = make_optimizer(trainable, args, world)
     model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
-    collator = make_collator(scheduler, args, tokenizer)
+    collator = make_collator(scheduler, args, tokenizer, return_clean_ids=config.block_size is not None)
     num_rows = None if args.streaming else len(train_rows)
     plan = BatchPlan(num_rows, args.train_batch_size, args.gradient_accumulation_steps, world, args.seed)
 
@@ -237,6 +240,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             start_step,
             resumed_from=resume,
             init_from=init_source(args)[1] if base is not None else None,
+            block_size=config.block_size,
             tokens_per_step=args.seq_len * args.train_batch_size * args.gradient_accumulation_steps * world,
             **counts,
         )
@@ -359,15 +363,17 @@ def evaluate_model(model: Any, rows: Any, scheduler: Any, args: Any, tokenizer: 
 
     The bound: ``-log p(x1) <= int_0^1 sum_i GKL_i(t) dt`` (docs/math.md, section 7); estimated with ``t``
     stratified over ``[0, 1 - 1e-3]`` on ``--eval_batches`` batches, divided by the number of tokens:
-    ``ppl_bound = exp(bound)``.
+    ``ppl_bound = exp(bound)``. A block model (``config.block_size``) is scored on the block-diffusion objective
+    (each block given the clean blocks before it), whose sum over blocks bounds ``-log p(x1)`` the same way.
     """
     model.eval()
     device = next(model.parameters()).device
     ce_total, elbo_total, tokens, ce_count = 0.0, 0.0, 0, 0
     bs = args.train_batch_size
     n_batches = min(args.eval_batches, max(1, math.ceil(len(rows) / bs)))
+    block_model = getattr(model.config, "block_size", None) is not None
     collator = DFMDataCollator(scheduler=scheduler, coupling="unconditional", time_sampling="stratified",
-                               pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                               pad_token_id=tokenizer.pad_token_id, return_clean_ids=block_model)  # fmt: skip
     for b in range(n_batches):
         start = (b * bs) % len(rows)
         # packed rows: a tensor slice; SFT rows (prompt as conditioning, kept by the collator): a list of examples
@@ -375,12 +381,7 @@ def evaluate_model(model: Any, rows: Any, scheduler: Any, args: Any, tokenizer: 
         collator.generator = torch.Generator().manual_seed(10_000 + b)
         batch = {k: v.to(device) for k, v in collator(chunk).items() if isinstance(v, torch.Tensor)}
         scored = batch["labels"] != IGNORE_INDEX
-        logits = model(
-            input_ids=batch["input_ids"],
-            timesteps=batch["timesteps"],
-            attention_mask=batch["attention_mask"],
-            logits_to_keep=scored,
-        ).logits
+        logits = scored_logits(model, batch)
         labels = batch["labels"][scored]
         ce_total += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
         rate = kappa_rate(batch["timesteps"], scheduler.schedule)[:, None].expand(scored.shape)[scored]

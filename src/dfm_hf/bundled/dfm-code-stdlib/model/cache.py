@@ -5,6 +5,10 @@ the rows. A full forward fills it; a partial forward runs a slice of ``n`` query
 writes their fresh keys and values at those positions and attends over all ``L`` entries. With entries computed from
 the current tokens this is exact; with older ones (Fast-dLLM's prefix / dual cache) it is an approximation.
 
+A block-diffusion model (``config.block_size`` set) uses transformers' own append semantics instead: a forward appends
+its queries' keys and values to a ``DynamicCache`` and attends over the cache and itself, which is exact (no key of a
+later block is ever seen); :func:`crop_cache` drops what the caller does not keep.
+
 Only ``torch`` and ``transformers`` are imported: this file is copied next to the weights with the modeling file.
 """
 
@@ -126,15 +130,27 @@ def _key_values(past_key_values: Any) -> list[tuple[Any, Any]]:
     )
 
 
-def prepare_cache(past_key_values: Any) -> tuple[Optional[Cache], bool]:
+def prepare_cache(past_key_values: Any, block_size: Optional[int] = None) -> tuple[Optional[Cache], bool]:
     """``(cache, partial)``: the cache a forward reads and writes, and whether it holds entries (a partial forward).
 
-    An empty ``Cache`` is returned as is (a full forward fills it); a :class:`DFMBlockCache` with entries too (it is
-    written in place); the entries of any other ``Cache`` or of a sequence of pairs are wrapped in a new
-    :class:`DFMBlockCache` (written in a copy).
+    Full attention (``block_size`` None): an empty ``Cache`` is returned as is (a full forward fills it); a
+    :class:`DFMBlockCache` with entries too (it is written in place); the entries of any other ``Cache`` or of a
+    sequence of pairs are wrapped in a new :class:`DFMBlockCache` (written in a copy).
+
+    Block diffusion (``block_size`` set): ``past_key_values`` must be a transformers ``Cache`` other than
+    :class:`DFMBlockCache` (a ``DynamicCache``); it is returned as is and the forward appends to it.
     """
     if past_key_values is None:
         return None, False
+    if block_size is not None:
+        if isinstance(past_key_values, DFMBlockCache) or not isinstance(past_key_values, Cache):
+            raise ValueError(
+                f"A block-diffusion model (block_size={block_size}) appends to a transformers `Cache` (e.g. "
+                f"`DynamicCache()`, cut back with `dfm_hf.models.cache.crop_cache`); `past_key_values` of type "
+                f"{type(past_key_values).__name__} is not accepted (`DFMBlockCache` is the approximate cache of "
+                "full-attention models)."
+            )
+        return past_key_values, past_key_values.get_seq_length() > 0
     pairs = _key_values(past_key_values)
     empty = not pairs or any(k is None or v is None or k.numel() == 0 for k, v in pairs)
     if empty:
@@ -146,10 +162,11 @@ def prepare_cache(past_key_values: Any) -> tuple[Optional[Cache], bool]:
     return DFMBlockCache(pairs), True
 
 
-def check_cache(cache: Cache, config: Any, batch: int, position_ids: Optional[torch.Tensor]) -> int:
+def check_cache(cache: Cache, config: Any, batch: int, position_ids: Optional[torch.Tensor], appended: int = 0) -> int:
     """The length ``L`` of a cache holding entries; raises ``ValueError`` naming ``past_key_values`` unless it holds
     ``config.num_hidden_layers`` layers of keys and values ``(batch, num_key_value_heads, L, head_dim)`` with
-    ``L <= max_position_embeddings``, and naming ``position_ids`` when they are missing."""
+    ``L + appended <= max_position_embeddings`` (``appended``: the queries a block model adds to it), and naming
+    ``position_ids`` when they are missing."""
     pairs = _key_values(cache)
     if len(pairs) != config.num_hidden_layers:
         raise ValueError(
@@ -163,9 +180,11 @@ def check_cache(cache: Cache, config: Any, batch: int, position_ids: Optional[to
                 "`past_key_values` layers must hold keys and values of shape (batch, num_key_value_heads, len, "
                 f"head_dim) = {expected}, got {tuple(k.shape)} and {tuple(v.shape)}."
             )
-    if expected[2] > config.max_position_embeddings:
+    if expected[2] + appended > config.max_position_embeddings:
+        added = f" + {appended} new positions" if appended else ""
         raise ValueError(
-            f"`past_key_values` has length {expected[2]} > max_position_embeddings ({config.max_position_embeddings})."
+            f"`past_key_values` has length {expected[2]}{added} > max_position_embeddings "
+            f"({config.max_position_embeddings})."
         )
     if position_ids is None:
         raise ValueError(
@@ -175,4 +194,17 @@ def check_cache(cache: Cache, config: Any, batch: int, position_ids: Optional[to
     return expected[2]
 
 
-__all__ = ["DFMBlockCache", "DFMBlockCacheLayer", "check_cache", "prepare_cache"]
+def crop_cache(cache: Cache, length: int) -> None:
+    """Keep the first ``length`` entries of every layer of an append-style ``cache`` (a ``DynamicCache``), in place.
+
+    ``length`` is the number of positions kept, ``0 <= length <= cache.get_seq_length()``. (transformers'
+    ``Cache.crop`` takes the number of entries to remove, as a negative int; this takes the length kept.)
+    """
+    current = cache.get_seq_length()
+    if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= current:
+        raise ValueError(f"`length` must be an integer in [0, {current}] (the cache length), got {length!r}.")
+    if length < current:
+        cache.crop(length - current)
+
+
+__all__ = ["DFMBlockCache", "DFMBlockCacheLayer", "check_cache", "crop_cache", "prepare_cache"]

@@ -67,6 +67,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def check_block_size(block_size: Any) -> Optional[int]:
+    """``block_size`` itself when it is None (full attention) or an integer >= 1 (block diffusion); raises
+    ``ValueError`` naming it otherwise."""
+    if block_size is not None and (not _is_int(block_size) or block_size < 1):
+        raise ValueError(
+            f"`block_size` must be None (full attention) or an integer >= 1 (block diffusion), got {block_size!r}."
+        )
+    return block_size
+
+
 def _standard_rope_parameters(
     rope_parameters: Any, rope_theta: Any, rope_scaling: Any, max_position_embeddings: int
 ) -> dict[str, Any]:
@@ -200,6 +210,11 @@ class DFMConfig(PretrainedConfig):
         logits_shift: the output head reads the hidden state at position ``i - 1`` to predict token ``i`` (position 0
             reads its own): the convention of Dream / DiffuCoder and of causal LMs adapted to diffusion. The logits at
             ``i`` still parametrise ``p_{1|t}(x^i | x_t)``; the shift is internal to the model.
+        block_size: ``None`` (full bidirectional attention) or ``K >= 1``: block diffusion. The query at position
+            ``i`` attends to the key at position ``j`` when ``j // K <= i // K`` (its own block, bidirectionally, and
+            every earlier block), blocks counted from position 0 of the row (the prompt included; padding does not
+            count). Generation then runs block by block with an exact key/value cache of the finished blocks (a
+            ``DynamicCache``, appended to and cropped); ``K = 1`` is a causal LM.
         time_conditioning: add adaLN-Zero time modulation (DiT); ``False`` builds no time parameters and ignores ``t``
             (enough for the mask source, whose posterior does not depend on ``t``).
         mask_token_id: id of the ``[MASK]`` source token, or ``None`` (e.g. a uniform-source model).
@@ -242,6 +257,7 @@ class DFMConfig(PretrainedConfig):
         head_dim: Optional[int] = None,
         logits_shift: bool = False,
         rope_parameters: Optional[dict[str, Any]] = None,
+        block_size: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -264,6 +280,7 @@ class DFMConfig(PretrainedConfig):
         self.attention_bias = attention_bias
         self.head_dim = head_dim
         self.logits_shift = logits_shift
+        self.block_size = block_size
         self._validate_sizes()  # before the base class: its own validators divide by these
         _check_rope_parameters(self.rope_parameters, self.head_dim)  # before the base class's, which only warns
         # Special ids and tying go through the base class so that both transformers 4.x and 5.x store them.
@@ -317,6 +334,7 @@ class DFMConfig(PretrainedConfig):
             value = getattr(self, key)
             if not isinstance(value, bool):
                 raise ValueError(f"`{key}` must be True or False, got {value!r}.")
+        check_block_size(self.block_size)
         for key in ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, key, None)
             values = value if key == "eos_token_id" and isinstance(value, (list, tuple)) else [value]
@@ -378,4 +396,4 @@ class DFMConfig(PretrainedConfig):
         return cls(**kwargs)
 
 
-__all__ = ["DEFAULT_ROPE_THETA", "DFMConfig", "DFM_PRESETS", "ROPE_PARAMETER_KEYS", "ROPE_TYPES"]
+__all__ = ["DEFAULT_ROPE_THETA", "DFMConfig", "DFM_PRESETS", "ROPE_PARAMETER_KEYS", "ROPE_TYPES", "check_block_size"]

@@ -35,7 +35,7 @@ def _caller_mask(
         )
     if attention_mask.dim() == 2:
         if tuple(attention_mask.shape) != (batch, k_len):
-            what = "the shape of `input_ids`" if q_len == k_len else "shape (batch, cache length)"
+            what = "the shape of `input_ids`" if q_len == k_len else "shape (batch, key length)"
             raise ValueError(f"`attention_mask` must have {what} {(batch, k_len)}, got {tuple(attention_mask.shape)}.")
         return (attention_mask.to(device=device) != 0)[:, None, None, :], None
     shape = tuple(attention_mask.shape)
@@ -63,6 +63,102 @@ def block_causal_pattern(query_positions: torch.Tensor, key_positions: torch.Ten
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"`block_size` must be None or an integer >= 1, got {block_size!r}.")
     return (key_positions[:, None, None, :] // block_size) <= (query_positions[:, None, :, None] // block_size)
+
+
+def padding_positions(attention_mask: Any, length: int) -> Optional[torch.Tensor]:
+    """``(batch, length)`` positions of the tokens of a 2-D padding mask: ``cumsum(mask) - 1``, so a left-padded row
+    has the positions of the same row alone (padding on the left takes position 0, padding on the right the last
+    real position; both are masked as keys). None unless ``attention_mask`` is a 2-D tensor with ``length`` columns
+    (the mask builder reports a wrong shape)."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or attention_mask.shape[1] != length:
+        return None
+    return ((attention_mask != 0).long().cumsum(dim=1) - 1).clamp_min(0)
+
+
+def pattern_positions(
+    attention_mask: Any,
+    position_ids: Optional[torch.Tensor],
+    key_length: int,
+    cached: bool,
+    block_size: Optional[int],
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(query_positions, key_positions)`` of a forward (None: ``0..n-1``), for the pattern and the rotary embedding.
+
+    Without a cache the keys are the queries: both are ``position_ids``. A block model (``block_size`` set) places
+    its blocks on the row's positions (:func:`padding_positions` of a 2-D ``attention_mask``, so padding does not
+    count): they are its queries' default, and its keys' positions with a ``cached`` (appended) forward. A full-
+    attention model's cached forward reads no key position (it has no pattern).
+    """
+    key_positions = None if cached else position_ids
+    if block_size is not None:
+        row_positions = padding_positions(attention_mask, key_length)
+        if cached:
+            key_positions = row_positions
+        elif position_ids is None:
+            position_ids = key_positions = row_positions
+    return position_ids, key_positions
+
+
+def slice_visibility(attention_mask: Any, query_positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``(batch|1, q, q)`` bool: query ``j`` of a forward attends to the key that query ``k`` brings (the forward's own
+    keys, the last ``q`` of all keys): the block-causal pattern over ``query_positions`` ``(batch|1, q)``, and the
+    caller's mask at those keys (2-D: not padding; 4-D bool: True; 4-D float: above ``finfo.min``)."""
+    q_len = query_positions.shape[-1]
+    visible = block_causal_pattern(query_positions, query_positions, block_size)[:, 0]
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() in (2, 4):
+        mask = attention_mask.to(query_positions.device)
+        if mask.dim() == 2:
+            return visible & (mask[:, None, -q_len:] != 0)
+        mask = mask[:, 0, :, -q_len:]
+        return visible & (mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min)
+    return visible
+
+
+def block_diffusion_training_mask(
+    position_ids: torch.Tensor, block_size: int, padding_mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``(batch, 1, 2L, 2L)`` bool (True = attend): the attention rule of the block-diffusion training input
+    ``[x_t | x_0]`` (BD3-LM's vectorized layout; both halves carry the same ``position_ids``).
+
+    With ``b(i) = position_ids[i] // block_size``: a noisy query ``i`` sees the noisy keys ``j`` with ``b(j) = b(i)``
+    and the clean keys with ``b(j) < b(i)``; a clean query ``i`` sees the clean keys with ``b(j) <= b(i)``. No query
+    sees a padding key (``padding_mask`` ``(batch, L)``, 0 = padding), except its own key, so no row is empty. The
+    rule is a subset of the block-causal pattern over ``cat([position_ids, position_ids], 1)``.
+
+    Args:
+        position_ids: ``(batch, L)`` or ``(L,)`` integer positions of one half.
+        block_size: ``K >= 1``.
+        padding_mask: ``(batch, L)`` 1 = real token, 0 = padding; None = no padding.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"`block_size` must be an integer >= 1, got {block_size!r}.")
+    if (
+        not isinstance(position_ids, torch.Tensor)
+        or position_ids.dim() not in (1, 2)
+        or position_ids.is_floating_point()
+    ):
+        raise ValueError(
+            f"`position_ids` must be an integer tensor of shape (batch, L) or (L,), got {_shape(position_ids)}."
+        )
+    pos = position_ids[None] if position_ids.dim() == 1 else position_ids
+    batch, length = pos.shape
+    if padding_mask is not None:
+        if not isinstance(padding_mask, torch.Tensor) or padding_mask.dim() != 2 or padding_mask.shape[1] != length:
+            raise ValueError(
+                f"`padding_mask` must have shape (batch, L) = {(batch, length)}, got {_shape(padding_mask)}."
+            )
+        batch = max(batch, padding_mask.shape[0])
+    blocks = pos.long() // block_size
+    query, key = blocks[:, :, None], blocks[:, None, :]
+    same, earlier = key == query, key < query
+    noisy = torch.cat([same, earlier], dim=2)  # noisy queries: [noisy keys | clean keys]
+    clean = torch.cat([torch.zeros_like(same), same | earlier], dim=2)  # clean queries: [nothing | clean keys]
+    allowed = torch.cat([noisy, clean], dim=1).expand(batch, 2 * length, 2 * length)
+    if padding_mask is not None:
+        real = (padding_mask.to(pos.device) != 0).repeat(1, 2)
+        own = torch.eye(2 * length, dtype=torch.bool, device=pos.device)
+        allowed = allowed & real[:, None, :] | own
+    return allowed[:, None].contiguous()
 
 
 def _block_mask(allowed: torch.Tensor, batch: int, q_len: int, k_len: int, device: torch.device) -> Any:
@@ -118,7 +214,12 @@ def create_attention_mask(
         allowed = pattern if allowed is None else allowed & pattern
     implementation = attn_implementation or "sdpa"
     if "flash" in implementation:  # flash_attention_2 / _3 and the hub kernels of flash attention
-        if additive is not None or block_size is not None or attention_mask is not None and attention_mask.dim() == 4:
+        if block_size is not None:
+            raise ValueError(
+                f"attn_implementation={implementation!r} cannot express the block-causal pattern of a model with "
+                f"block_size={block_size}; use 'sdpa', 'eager' or 'flex_attention'."
+            )
+        if additive is not None or attention_mask is not None and attention_mask.dim() == 4:
             raise ValueError(
                 f"attn_implementation={implementation!r} reads only a 2-D padding `attention_mask`; use 'sdpa', "
                 "'eager' or 'flex_attention' for a 4-D mask or an attention pattern."
@@ -147,4 +248,11 @@ def create_attention_mask(
     return bias
 
 
-__all__ = ["block_causal_pattern", "create_attention_mask"]
+__all__ = [
+    "block_causal_pattern",
+    "block_diffusion_training_mask",
+    "create_attention_mask",
+    "padding_positions",
+    "pattern_positions",
+    "slice_visibility",
+]

@@ -121,6 +121,30 @@ def prepare_logits_to_keep(
     return keep.long()
 
 
+def prepare_block_size(block_size: Any, config_block_size: Optional[int]) -> Optional[int]:
+    """The block length of a forward's block-causal pattern: ``config_block_size`` when ``block_size`` is None, else
+    ``block_size``, a positive multiple of the model's (a block model may decode with larger blocks than it was
+    trained with, as SDAR does). A full-attention model (``config_block_size`` None) takes none."""
+    if block_size is None:
+        return config_block_size
+    if config_block_size is None:
+        raise ValueError(
+            f"`block_size`={block_size!r} applies to a block-diffusion model (`config.block_size` set); this model "
+            "attends bidirectionally."
+        )
+    if (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, int)
+        or block_size < 1
+        or block_size % config_block_size
+    ):
+        raise ValueError(
+            f"`block_size` must be None or a positive multiple of the model's block_size={config_block_size}, got "
+            f"{block_size!r}."
+        )
+    return block_size
+
+
 def check_no_kwargs(kwargs: dict[str, Any], method: str) -> None:
     """Raise ``TypeError`` naming the keyword arguments ``method`` does not take (nothing is silently ignored)."""
     if kwargs:
@@ -137,6 +161,7 @@ __all__ = [
     "check_inputs",
     "check_labels",
     "check_no_kwargs",
+    "prepare_block_size",
     "prepare_logits_to_keep",
     "prepare_position_ids",
     "prepare_timesteps",
