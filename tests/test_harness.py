@@ -136,14 +136,16 @@ def exact_nelbo(model, context, continuation, mask_id):
     """Exact negative ELBO, and the variance of one draw of the "count" estimator, by enumerating every subset.
 
     NELBO = sum_S L(S) / (|S| C(n, |S|)); a "count" draw is (n / |S|) L(S) with probability 1 / (n C(n, |S|)).
-    Full logits (no logits_to_keep): an independent path from the harness's.
-    """
+    Full logits (no logits_to_keep): an independent path from the harness's. ``L`` reads ``p_{1|t}`` without the
+    mask token (the softmax over the other tokens)."""
     n, m = len(continuation), len(context)
     subsets = [s for k in range(1, n + 1) for s in itertools.combinations(range(n), k)]
     rows = torch.tensor([context + continuation] * len(subsets))
     for r, s in enumerate(subsets):
         rows[r, [m + i for i in s]] = mask_id
-    log_probs = torch.log_softmax(model(input_ids=rows).logits.double(), -1)
+    logits = model(input_ids=rows).logits.double()
+    logits[..., mask_id] = -math.inf  # p_{1|t} as the samplers draw from it: never the mask token
+    log_probs = torch.log_softmax(logits, -1)
     target = torch.tensor(continuation)
     mean = second = 0.0
     for r, s in enumerate(subsets):
@@ -249,6 +251,32 @@ def test_time_conditioned_models_use_the_ratio_estimator():
     assert math.isfinite(ll) and ll < 0
     with pytest.raises(ValueError, match="time_conditioning=True: use estimator='ratio'"):
         DFMLM(pretrained=pipe, estimator="count")
+
+
+def test_likelihood_and_greedy_check_exclude_the_mask_token():
+    """``p_{1|t}`` as every sampler draws from it, the mask token excluded: with a head whose mask logit is the largest
+    everywhere, the continuation's token is still the greedy choice, and its NLL is that of the softmax over the other
+    tokens (one token: the "count" estimator is exact whatever ``mc_num``)."""
+    pipe = tiny_pipeline()
+    model, mask = pipe.model, pipe.mask_token_id
+    (gold,) = pipe.tokenizer(" return", add_special_tokens=False)["input_ids"]
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[gold], head.bias[mask] = 20.0, 40.0
+    model.set_output_embeddings(head)
+    lm = DFMLM(pretrained=pipe, mc_num=4)
+    ((ll, greedy),) = lm.loglikelihood([Request("def f(x):", " return")], disable_tqdm=True)
+    context, _ = lm._encode_pair("def f(x):", " return")
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([context + [mask]])).logits[0, -1].double()
+    assert int(logits.argmax()) == mask
+    without = torch.log_softmax(logits.index_fill(0, torch.tensor([mask]), -math.inf), -1)[gold]
+    assert greedy and ll == pytest.approx(float(without), abs=1e-4)
+    assert float(without - torch.log_softmax(logits, -1)[gold]) > 10  # what counting the mask token would give
+    draws = lm.elbo_draws(context, [gold])
+    assert torch.allclose(draws, -without, atol=1e-4)
 
 
 def test_windows_score_every_token_once_within_max_length():

@@ -14,6 +14,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from dfm_hf.models import DFMBlockCache, DFMConfig, DFMForMaskedGeneration
+from dfm_hf.models.cache import crop_cache
 
 VOCAB = 64
 MASK = 63
@@ -183,7 +184,7 @@ def test_partial_forward_with_stale_cache_is_an_approximation_and_returns_an_upd
             position_ids=pos,
             past_key_values=old.past_key_values,
             use_cache=True,
-            logits_to_keep=torch.ones(3, 4, dtype=torch.bool),
+            logits_to_keep=(torch.arange(4) > 0).expand(3, 4),  # not 10: its source, 9, is not in the slice
         )
         exact = model(
             new_ids.gather(1, pos),
@@ -194,7 +195,7 @@ def test_partial_forward_with_stale_cache_is_an_approximation_and_returns_an_upd
         ).logits
     # with the refreshed cache it is exact; with the old one it only approximates (the other positions' keys are stale)
     torch.testing.assert_close(exact, fresh.logits[:, 12:14], atol=1e-5, rtol=1e-5)
-    assert (approx.logits.view(3, 4, VOCAB) - fresh.logits[:, 10:14]).abs().max() > 1e-4
+    assert (approx.logits.view(3, 3, VOCAB) - fresh.logits[:, 11:14]).abs().max() > 1e-4
     # the returned cache is a new object: old entries everywhere except the fresh ones written at `pos`
     updated = approx.past_key_values
     assert updated is not old.past_key_values
@@ -222,7 +223,8 @@ def test_block_cache_is_rewritten_in_place_with_the_logits_of_a_copy():
         assert model(ids, attention_mask=mask, past_key_values=owned, use_cache=True).past_key_values is owned
         before, copied_before = cache_keys(owned), cache_keys(copied)
         storage = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in owned.layers]
-        kw = dict(attention_mask=mask, position_ids=pos, logits_to_keep=torch.ones(3, 4, dtype=torch.bool))
+        kept = (torch.arange(4) > 0).expand(3, 4)  # not position 10: its shifted source, 9, is not in the slice
+        kw = dict(attention_mask=mask, position_ids=pos, logits_to_keep=kept)
         expected = model(new_ids.gather(1, pos), past_key_values=copied, **kw)
         in_place = model(new_ids.gather(1, pos), past_key_values=owned, **kw)
         again = model(new_ids.gather(1, pos), past_key_values=owned, **kw).logits
@@ -413,3 +415,82 @@ def additive_mask_of(mask: torch.Tensor) -> torch.Tensor:
     """The bidirectional ``(batch, 1, L, L)`` additive mask of a ``(batch, L)`` padding mask."""
     allowed = mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
     return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def test_a_kept_position_without_its_shifted_source_raises():
+    """Under ``logits_shift`` the logits of position ``p`` come from the hidden state at ``p - 1``, which a partial
+    forward computes only when ``p - 1`` is in its slice (the cache holds keys and values, not hidden states): keeping
+    ``p`` without it is refused, in every form of ``logits_to_keep``; the slice that includes it is exact."""
+    model = make_model(seed=12)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=True)
+        cache = full.past_key_values
+        pos = torch.arange(10, 14).expand(3, 4)
+        call = dict(input_ids=ids.gather(1, pos), attention_mask=mask, position_ids=pos, past_key_values=cache)
+        for keep in (torch.ones(3, 4, dtype=torch.bool), torch.tensor([0, 2]), 4):
+            with pytest.raises(ValueError, match=r"logits of position 10 \(row 0\).*position 9"):
+                model(**call, logits_to_keep=keep)
+        block = DFMBlockCache()
+        model(ids, attention_mask=mask, past_key_values=block, use_cache=True)
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            model(**{**call, "past_key_values": block}, logits_to_keep=torch.ones(3, 4, dtype=torch.bool))
+        # the positions whose source is in the slice are exact, and position 9 added to the slice makes 10 exact
+        inner = model(**call, logits_to_keep=3).logits
+        torch.testing.assert_close(inner, full.logits[:, 11:14], atol=1e-5, rtol=1e-5)
+        wider = torch.arange(9, 14).expand(3, 5)
+        keep = (torch.arange(5) > 0).expand(3, 5)
+        out = model(ids.gather(1, wider), attention_mask=mask, position_ids=wider, past_key_values=cache,
+                    logits_to_keep=keep).logits  # fmt: skip
+        torch.testing.assert_close(out.view(3, 4, VOCAB), full.logits[:, 10:14], atol=1e-5, rtol=1e-5)
+        # without the shift, and with every logit (the default), nothing is refused
+        plain = make_model(seed=12, logits_shift=False)
+        plain_cache = plain(ids, attention_mask=mask, use_cache=True).past_key_values
+        plain(**{**call, "past_key_values": plain_cache}, logits_to_keep=torch.ones(3, 4, dtype=torch.bool))
+        assert model(**call).logits.shape == (3, 4, VOCAB)
+
+
+def test_a_block_model_reads_the_previous_block_only_from_its_slice():
+    """A block model's first position of a block reads the previous block's last position, which a step against the
+    cache holds as keys and values only: keeping it then raises; ``[finished block | open block]`` (what the
+    block-diffusion pipeline runs when a block opens) includes it and is exact."""
+    model = make_model(seed=13, block_size=4)
+    ids = torch.randint(1, MASK, (2, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model(ids[:, :8], use_cache=True).past_key_values
+
+        def step(start, end, keep):
+            pos = torch.arange(start, end).expand(2, -1)
+            return model(ids[:, start:end], attention_mask=mask[:, :end], position_ids=pos, past_key_values=cache,
+                         logits_to_keep=keep).logits  # fmt: skip
+
+        with pytest.raises(ValueError, match=r"position 8 \(row 0\).*attends to"):
+            step(8, 12, torch.ones(2, 4, dtype=torch.bool))
+        assert cache.get_seq_length() == 8  # refused before anything was appended
+        inner = step(8, 12, (torch.arange(4) > 0).expand(2, 4))
+        torch.testing.assert_close(inner.view(2, 3, VOCAB), full[:, 9:12], atol=1e-5, rtol=1e-5)
+        crop_cache(cache, 4)
+        opening = step(4, 12, (torch.arange(8) >= 4).expand(2, 8))
+        torch.testing.assert_close(opening.view(2, 4, VOCAB), full[:, 8:12], atol=1e-5, rtol=1e-5)
+
+
+def test_a_time_conditioned_cache_carries_the_time_it_was_computed_at():
+    """docs/fast_sampling.md: with the tokens unchanged, a partial forward at time ``t`` reading a cache computed at an
+    earlier time is not the full forward at ``t`` (the cached keys and values carry their time); one computed at
+    ``t`` (a refresh at every step) is."""
+    model = make_model(seed=14, time_conditioning=True)
+    ids, mask = padded_batch()
+    pos, keep = slices("dual")
+    early, late = torch.full((3,), 0.2), torch.full((3,), 0.8)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, timesteps=late, use_cache=True)
+        stale = model(ids, attention_mask=mask, timesteps=early, use_cache=True).past_key_values
+        call = dict(input_ids=ids.gather(1, pos), attention_mask=mask, timesteps=late, position_ids=pos,
+                    logits_to_keep=keep)  # fmt: skip
+        fresh = model(**call, past_key_values=full.past_key_values).logits
+        aged = model(**call, past_key_values=stale).logits
+    expected = full.logits[torch.arange(3)[:, None].expand_as(pos)[keep], pos[keep]]
+    assert (fresh - expected).abs().max() < 1e-5
+    assert (aged - expected).abs().max() > 1e-3

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import subprocess
 import sys
 import textwrap
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -699,6 +702,49 @@ def test_generalized_kl_matches_the_definition():
     )
     summed = generalized_kl_loss(logits, labels, x_t, rate, num_items_in_batch=1)
     torch.testing.assert_close(summed.double(), expected * int(scored.sum()), atol=1e-4, rtol=1e-5)
+
+
+def test_generalized_kl_integrates_to_the_elbo_per_corruptible_token():
+    """Summed over the masked tokens and divided by the corruptible ones (``num_items_in_batch=N``), the generalized KL
+    integrated over ``t`` (exact Gauss-Legendre quadrature of a polynomial in ``t``) with the masks of the mixture path
+    (each of ``N`` tokens masked with probability ``1 - kappa_t``, enumerated) is the negative ELBO per token, written
+    from its subset form ``sum_S L(S) / (|S| C(N, |S|)) / N`` in float64. The model gives the mask token no
+    probability (as the samplers draw) and does not read the time; kappa_t = t^2."""
+    model = make_model(seed=3)
+    context, x1 = [5, 9], random_ids(1, 4, seed=8)[0].clamp(max=MASK - 1).tolist()
+    n = len(x1)
+    subsets = [s for k in range(1, n + 1) for s in itertools.combinations(range(n), k)]
+    x_t = torch.tensor([context + x1] * len(subsets))
+    labels = torch.full_like(x_t, -100)
+    for r, subset in enumerate(subsets):
+        for i in subset:
+            x_t[r, len(context) + i], labels[r, len(context) + i] = MASK, x1[i]
+    with torch.no_grad():
+        logits = model(x_t).logits
+    logits[..., MASK] = -torch.inf
+    log_p = torch.log_softmax(logits.double(), -1)
+    nll = [-sum(float(log_p[r, len(context) + i, x1[i]]) for i in subset) for r, subset in enumerate(subsets)]
+    nelbo = sum(value / (len(subset) * math.comb(n, len(subset))) for value, subset in zip(nll, subsets))
+    nodes, weights = np.polynomial.legendre.leggauss(2 * n)
+    integral = 0.0
+    for node, weight in zip(nodes, weights):
+        t = torch.tensor(float(node + 1) / 2, dtype=torch.float64)
+        kappa = t**2
+        chance = torch.tensor([(1 - kappa) ** len(s) * kappa ** (n - len(s)) for s in subsets])  # P_t(masks = S)
+        rate = losses.kappa_rate(t.float(), "polynomial", 2.0) * chance.float()  # the expectation over S, per row
+        integral += float(weight) / 2 * float(generalized_kl_loss(logits, labels, x_t, rate, num_items_in_batch=n))
+    assert nelbo / n > 0.5  # a bound well away from 0: the comparison has a margin
+    assert integral == pytest.approx(nelbo / n, rel=1e-5)
+    # the default, the mean over the K masked tokens of each sequence, weights t by a further N / K: another number
+    default = 0.0
+    for node, weight in zip(nodes, weights):
+        t = torch.tensor(float(node + 1) / 2)
+        rate = losses.kappa_rate(t, "polynomial", 2.0)
+        for r, subset in enumerate(subsets):
+            chance = float((1 - t**2) ** len(subset) * t ** (2 * (n - len(subset))))
+            mean = generalized_kl_loss(logits[r : r + 1], labels[r : r + 1], x_t[r : r + 1], rate)
+            default += float(weight) / 2 * chance * float(mean)
+    assert abs(default - nelbo / n) > 0.1 * nelbo / n
 
 
 # ------------------------------------------------------------------------------------------------------------------

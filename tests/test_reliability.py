@@ -409,6 +409,37 @@ def test_our_checkpoints_need_no_remote_code(pipe, tmp_path):
     assert type(model).__name__ == "DFMForMaskedGeneration"
 
 
+def test_a_config_that_disagrees_with_the_weights_is_refused_naming_the_files_and_tensors(pipe, tmp_path):
+    """A saved pipeline whose model config.json gives other shapes than its weights hold: our strict ``ValueError``
+    (both files, each tensor with its two shapes), through the pipeline, the model class and the remote code saved
+    next to the weights; never transformers' ``RuntimeError``. The report stays available on request."""
+    import re
+
+    from transformers import AutoModelForMaskedLM
+
+    from dfm_hf import DFMPipeline
+    from dfm_hf.models import DFMForMaskedGeneration
+
+    pipe.save_pretrained(tmp_path)
+    path = tmp_path / "model" / "config.json"
+    config = json.loads(path.read_text())
+    width, hidden = config["intermediate_size"], config["hidden_size"]
+    path.write_text(json.dumps({**config, "intermediate_size": 2 * width}))
+    message = (
+        rf"{re.escape(str(path))} does not match the weights {re.escape(str(tmp_path / 'model' / 'model.safetensors'))}"
+        rf".*model\.layers\.0\.mlp\.up_proj\.weight \(weights \({width}, {hidden}\), config\.json "
+        rf"\({2 * width}, {hidden}\)\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        DFMPipeline.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        DFMForMaskedGeneration.from_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match=message):
+        AutoModelForMaskedLM.from_pretrained(tmp_path / "model", trust_remote_code=True)
+    _, info = DFMForMaskedGeneration.from_pretrained(tmp_path / "model", output_loading_info=True)
+    assert len(info["mismatched_keys"]) == 3 * config["num_hidden_layers"]  # gate, up and down of every layer
+
+
 # --------------------------------------------------------------------------- load and memory
 
 

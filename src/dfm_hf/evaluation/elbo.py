@@ -1,7 +1,8 @@
 """Monte-Carlo estimates of the ELBO of a masked discrete flow / diffusion model (the likelihoods of :class:`DFMLM`).
 
 With ``x`` a continuation of ``n`` tokens after a context and ``L(S) = sum_{i in S} -log p(x_i | context, x with S
-masked)`` (``p`` = the model's ``p_{1|t}`` at the masked positions), the negative ELBO is
+masked)`` (``p`` = the model's ``p_{1|t}`` at the masked positions without the mask token: the softmax over every
+other token, the distribution every sampler draws from), the negative ELBO is
 
     NELBO = sum_{S nonempty} L(S) / (|S| * C(n, |S|))
 
@@ -192,7 +193,8 @@ def _masked_nll(
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of one batch: the summed NLL (float64) of the clean tokens at the ``keep`` positions, masked, and
-    how many of them are not the argmax."""
+    how many of them are not the argmax; both over every token but the mask token, which no sampler draws
+    (``-log p(x) = logsumexp_{v != mask} logit_v - logit_x``; a clean token that is the mask token has NLL ``inf``)."""
     x = clean.masked_fill(keep, mask_token_id)
     timesteps = None if kappa is None else time_of_ratio(ratio, kappa).float().to(device)
     logits = model(
@@ -201,6 +203,7 @@ def _masked_nll(
         attention_mask=None if bool(attention.all()) else attention.to(device),
         logits_to_keep=keep.to(device),
     ).logits
+    logits[:, mask_token_id] = -torch.inf  # the model's own output tensor: excluded as the samplers exclude it
     gold = clean[keep].to(device)
     nll = torch.empty(gold.shape[0], dtype=torch.float64)
     miss = torch.empty(gold.shape[0], dtype=torch.bool)

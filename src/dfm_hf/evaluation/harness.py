@@ -367,8 +367,9 @@ class DFMLM(LM):
         """``(-NELBO estimate, is_greedy)`` per ``(context, continuation)`` request (see :meth:`elbo_draws`).
 
         ``is_greedy``: one forward pass with the whole continuation masked; True when the argmax of ``p_{1|t}`` at
-        every masked position is the continuation's token (per window for long inputs). Draws are seeded by
-        (seed, context, continuation), so a request's estimate does not depend on the others.
+        every masked position (over every token but the mask token, as the samplers draw) is the continuation's
+        token (per window for long inputs). Draws are seeded by (seed, context, continuation), so a request's
+        estimate does not depend on the others.
         """
         self._check_scoring()
         items, empty = [], []

@@ -37,6 +37,7 @@ from .layers import (
     attention_implementation,
     modulate,
     shift_hidden_states,
+    shift_sources,
 )
 from .loading import broken_weights_error, check_loading_info, checkpoint_model_type
 from .losses import masked_cross_entropy_loss
@@ -353,7 +354,7 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
                 positions (logits ``(batch, len(idx), vocab)``; not range-checked). The LM head runs only there.
                 With ``config.logits_shift`` the kept positions are those whose TOKEN is predicted; the hidden
                 state read is the one at ``max(p - 1, 0)``, which a cached partial forward must include in
-                ``position_ids`` (not checked).
+                ``position_ids`` (a block model: among those the query attends to), else a kept position raises.
             block_size: a block model's block length for this call, a multiple of ``config.block_size`` (default):
                 a model may decode with larger blocks than it was trained with (SDAR does).
         """
@@ -364,6 +365,9 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         block_size = prepare_block_size(block_size, self.config.block_size)
         cache, partial = prepare_cache(past_key_values, block_size)
+        if self.config.logits_shift:  # the entry each query reads, checked against logits_to_keep before the layers
+            pos = position_ids if partial or block_size is not None else None
+            src = shift_sources(input_ids, inputs_embeds, pos, attention_mask, block_size, logits_to_keep, self.config)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -380,10 +384,7 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
         hidden_states = outputs.last_hidden_state
         batch, seq_len = hidden_states.shape[:2]
         if self.config.logits_shift:
-            shift_positions = None
-            if partial or block_size is not None and position_ids is not None:
-                shift_positions = prepare_position_ids(position_ids, batch, seq_len, hidden_states.device)
-            hidden_states = shift_hidden_states(hidden_states, shift_positions, attention_mask, block_size)
+            hidden_states = shift_hidden_states(hidden_states, src)
         keep = prepare_logits_to_keep(logits_to_keep, batch, seq_len, hidden_states.device)
         logits = self.lm_head(self._select(hidden_states, keep))
 
@@ -408,12 +409,12 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
         """Load a checkpoint (a folder or a Hub repo id), strictly.
 
-        Our own checkpoints (``model_type: "dfm"``) load through ``PreTrainedModel.from_pretrained``; a missing or
-        unexpected weight raises ``ValueError`` naming it (pass ``output_loading_info=True`` to get the report
-        instead), and a broken (e.g. truncated) weights file raises ``OSError`` naming the file and its folder.
-        Released LLaDA (``model_type: "llada"``) and Dream / DiffuCoder (``"Dream"``) checkpoints are converted on
-        load by ``dfm_hf.conversion.load_released_model`` (``dtype=``, ``device_map=``, ``revision=``... work;
-        no remote code runs); ``save_pretrained`` then writes our format.
+        Our own checkpoints (``model_type: "dfm"``) load through ``PreTrainedModel.from_pretrained``; a missing,
+        unexpected or mismatched (shape in config.json != in the weights) weight raises ``ValueError`` naming it and
+        the files (``output_loading_info=True`` returns the report instead), a broken weights file ``OSError`` naming
+        it. Released LLaDA (``model_type: "llada"``) and Dream / DiffuCoder (``"Dream"``) checkpoints are converted on
+        load by ``dfm_hf.conversion.load_released_model`` (``dtype=``, ``device_map=``, ``revision=``... work; no
+        remote code runs); ``save_pretrained`` then writes our format.
         """
         name = pretrained_model_name_or_path
         model_type = checkpoint_model_type(name, kwargs)
@@ -431,6 +432,7 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
 
         report = bool(kwargs.pop("output_loading_info", False))
         lenient = report or bool(kwargs.get("ignore_mismatched_sizes"))
+        kwargs["ignore_mismatched_sizes"] = True  # mismatched shapes come back in the report: refused below by name
         try:
             model, info = super().from_pretrained(name, *model_args, output_loading_info=True, **kwargs)
         except Exception as err:
@@ -441,7 +443,7 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
         if report:
             return model, info
         if not lenient:
-            check_loading_info(name, info)
+            check_loading_info(name, info, kwargs)
         return model
 
     @classmethod

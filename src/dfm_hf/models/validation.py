@@ -1,4 +1,5 @@
-"""Input checks of the DFM forward: clear ``ValueError`` messages naming the argument, no host synchronisation.
+"""Input checks of the DFM forward: clear ``ValueError`` messages naming the argument, no host synchronisation
+(except :func:`check_shift_sources`, run only by a shifted forward that looks positions up and keeps some logits).
 
 Only ``torch`` is imported: this file is copied next to the weights with the modeling file.
 """
@@ -145,6 +146,36 @@ def prepare_block_size(block_size: Any, config_block_size: Optional[int]) -> Opt
     return block_size
 
 
+def check_shift_sources(
+    found: torch.Tensor, keep: Union[torch.Tensor, slice], position_ids: torch.Tensor, block: bool
+) -> None:
+    """Raise ``ValueError`` when a position whose logits ``keep`` asks for has no source under ``logits_shift``.
+
+    ``found`` ``(batch, len)``: the slice holds (for a block model: among the entries the query attends to) an entry
+    at position ``p - 1`` for the query at ``p`` (``p = 0`` reads itself). Its hidden state is computed only by this
+    forward (a cache holds keys and values, not hidden states), so a kept query without it has no exact logits.
+    ``keep`` is the selection of :func:`prepare_logits_to_keep` (a bool mask, a long index or a slice). One host
+    synchronisation.
+    """
+    if isinstance(keep, torch.Tensor) and keep.dtype == torch.bool:
+        kept = keep
+    else:
+        kept = torch.zeros_like(found)
+        kept[:, keep] = True
+    missing = kept & ~found
+    if not bool(missing.any()):
+        return
+    row, column = (int(i) for i in missing.nonzero()[0])
+    p = int(position_ids[row, column])
+    where = "that the query attends to" if block else "of this forward"
+    raise ValueError(
+        f"`logits_to_keep` asks for the logits of position {p} (row {row}), which a `logits_shift` model reads from "
+        f"the hidden state at position {p - 1}; no entry of `position_ids` {where} is at {p - 1} (a cached partial "
+        f"forward computes hidden states only for its slice): add position {p - 1} to the slice or do not keep "
+        f"position {p}."
+    )
+
+
 def check_no_kwargs(kwargs: dict[str, Any], method: str) -> None:
     """Raise ``TypeError`` naming the keyword arguments ``method`` does not take (nothing is silently ignored)."""
     if kwargs:
@@ -161,6 +192,7 @@ __all__ = [
     "check_inputs",
     "check_labels",
     "check_no_kwargs",
+    "check_shift_sources",
     "prepare_block_size",
     "prepare_logits_to_keep",
     "prepare_position_ids",

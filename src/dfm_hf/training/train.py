@@ -58,12 +58,23 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _accelerator_available() -> bool:
+    """True when torch sees an accelerator (CUDA, MPS, XPU, ...) that accelerate would train on: ``torch.accelerator``
+    where it exists (torch >= 2.6), else CUDA, MPS or XPU."""
+    if hasattr(torch, "accelerator"):
+        return bool(torch.accelerator.is_available())
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
 def make_accelerator(args: argparse.Namespace) -> Any:
-    """An ``Accelerator``; ``cpu=True`` without a GPU, so that torchrun's CPU processes form one gloo group."""
+    """An ``Accelerator`` on accelerate's device choice (CUDA, MPS, XPU, ... where present); ``cpu=True`` only on a
+    machine with no accelerator (:func:`_accelerator_available`), so that torchrun's CPU processes form one gloo group
+    (accelerate otherwise gives each of them its own run)."""
     from accelerate import Accelerator
 
     return Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=not _accelerator_available(),
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
     )

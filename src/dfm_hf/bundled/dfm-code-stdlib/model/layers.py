@@ -20,6 +20,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .configuration_dfm import DFMConfig
 from .masking import padding_positions, slice_visibility
 from .rotary import apply_rotary
+from .validation import check_inputs, check_shift_sources, prepare_logits_to_keep, prepare_position_ids
 
 #: The time ``t`` in ``[0, 1]`` is scaled by this before its sinusoidal embedding (DiT's convention for 1000 steps).
 TIME_EMBEDDING_SCALE = 1000.0
@@ -188,39 +189,59 @@ class DFMAttention(nn.Module):
         return out, (weights if output_attentions else None)
 
 
-def shift_hidden_states(
-    hidden_states: torch.Tensor,
-    position_ids: Optional[torch.Tensor] = None,
-    attention_mask: Optional[Any] = None,
-    block_size: Optional[int] = None,
-) -> torch.Tensor:
-    """The hidden state each query's token is predicted from under ``logits_shift``: the one at position
-    ``max(p - 1, 0)``.
+def shift_sources(
+    input_ids: Optional[torch.Tensor],
+    inputs_embeds: Optional[torch.Tensor],
+    position_ids: Optional[torch.Tensor],
+    attention_mask: Optional[Any],
+    block_size: Optional[int],
+    logits_to_keep: Any,
+    config: DFMConfig,
+) -> Optional[torch.Tensor]:
+    """Under ``logits_shift``, the slice entry each query's token is predicted from: the one at position
+    ``max(p - 1, 0)``, as a long ``(batch, len)`` index, or None for the plain shift by one along ``len``.
 
-    Full attention without ``position_ids``: the positions are the sequence indices (a shift by one along ``len``).
-    With ``position_ids`` ``(batch, len)`` (a cached partial forward) or a ``block_size`` (default positions: the
-    row's, from a 2-D ``attention_mask``), the source is found by a position lookup among the slice's own entries:
-    the first entry at ``p - 1``; for a block model, among the entries the query attends to (so a left-padded row
-    reads a real token, and a block-diffusion training row ``[x_t | x_0]`` predicts the first token of a noisy block
-    from the clean half, as generation does). No host sync; a source missing from the slice is not detected (the
-    caller includes it): the lookup then falls back to the slice's first entry.
+    Full attention without ``position_ids``: the positions are the sequence indices (None). With ``position_ids``
+    ``(batch, len)`` (a cached partial forward) or a ``block_size`` (default positions: the row's, from a 2-D
+    ``attention_mask``), the source is found by a position lookup among the slice's own entries: the first entry at
+    ``p - 1``; for a block model, among the entries the query attends to (so a left-padded row reads a real token,
+    and a block-diffusion training row ``[x_t | x_0]`` predicts the first token of a noisy block from the clean half,
+    as generation does). A source missing there (e.g. the previous block's last position of a block model, held in
+    the cache as keys and values only) cannot be read: a query that ``logits_to_keep`` selects without it raises
+    ``ValueError`` (:func:`~.validation.check_shift_sources`, one host sync), before the forward runs; any other
+    query falls back to the slice's first entry (its logits are not ``p_{1|t}``: with the default ``logits_to_keep``,
+    every position, nothing is checked).
     """
-    batch, seq_len = hidden_states.shape[:2]
+    batch, seq_len = check_inputs(input_ids, inputs_embeds, config.hidden_size, config.max_position_embeddings)
+    device = (input_ids if input_ids is not None else inputs_embeds).device
+    if position_ids is not None:
+        position_ids = prepare_position_ids(position_ids, batch, seq_len, device)
     visible = None
     if block_size is not None:
         if position_ids is None:
             position_ids = padding_positions(attention_mask, seq_len)
         if position_ids is None:
-            position_ids = torch.arange(seq_len, device=hidden_states.device).expand(batch, -1)
+            position_ids = torch.arange(seq_len, device=device).expand(batch, -1)
         visible = slice_visibility(attention_mask, position_ids, block_size)
     if position_ids is None:
-        return torch.cat([hidden_states[:, :1], hidden_states[:, :-1]], dim=1)
+        return None
     target = (position_ids - 1).clamp_min(0)
     match = position_ids[:, None, :] == target[:, :, None]  # [b, j, k]: slice entry k holds query j's source
     if visible is not None:
         match = match & visible
-    source = match.to(torch.uint8).argmax(dim=-1)
-    return hidden_states.gather(1, source[..., None].expand(-1, -1, hidden_states.shape[-1]))
+    keep = prepare_logits_to_keep(logits_to_keep, batch, seq_len, position_ids.device)
+    if keep is not None:
+        check_shift_sources(match.any(-1), keep, position_ids, visible is not None)
+    return match.to(torch.uint8).argmax(dim=-1)
+
+
+def shift_hidden_states(hidden_states: torch.Tensor, sources: Optional[torch.Tensor]) -> torch.Tensor:
+    """The hidden states read by the head under ``logits_shift``: at the :func:`shift_sources` entries, or (None)
+    shifted by one along ``len`` (position 0 reads itself)."""
+    if sources is None:
+        return torch.cat([hidden_states[:, :1], hidden_states[:, :-1]], dim=1)
+    index = sources.to(hidden_states.device)[..., None].expand(-1, -1, hidden_states.shape[-1])
+    return hidden_states.gather(1, index)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -19,24 +19,33 @@ def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: kwargs[k] for k in HUB_KEYS if kwargs.get(k) is not None}
 
 
-def checkpoint_model_type(name: Any, kwargs: dict[str, Any]) -> Optional[str]:
-    """The ``model_type`` of the ``config.json`` of checkpoint ``name`` (a folder or Hub repo id), or None when there
-    is none to read (a config object passed in, a GGUF file, no readable config: transformers reports those)."""
-    from transformers import PretrainedConfig
+def _config_file(name: Any, kwargs: dict[str, Any]) -> Optional[str]:
+    """The local path of the ``config.json`` of checkpoint ``name`` (a folder or Hub repo id), or None."""
     from transformers.utils import cached_file
 
-    if name is None or isinstance(kwargs.get("config"), PretrainedConfig) or kwargs.get("gguf_file"):
-        return None
     try:
-        path = cached_file(
+        return cached_file(
             str(name),
             "config.json",
             _raise_exceptions_for_missing_entries=False,
             _raise_exceptions_for_connection_errors=False,
             **_hub_kwargs(kwargs),
         )
-        if not path:
-            return None
+    except Exception:  # no reachable config.json: transformers reports it when it loads
+        return None
+
+
+def checkpoint_model_type(name: Any, kwargs: dict[str, Any]) -> Optional[str]:
+    """The ``model_type`` of the ``config.json`` of checkpoint ``name`` (a folder or Hub repo id), or None when there
+    is none to read (a config object passed in, a GGUF file, no readable config: transformers reports those)."""
+    from transformers import PretrainedConfig
+
+    if name is None or isinstance(kwargs.get("config"), PretrainedConfig) or kwargs.get("gguf_file"):
+        return None
+    path = _config_file(name, kwargs)
+    if not path:
+        return None
+    try:
         with open(path, encoding="utf-8") as f:
             return json.load(f).get("model_type")
     except Exception:  # no readable config.json: transformers reports it when it loads
@@ -87,16 +96,38 @@ def broken_weights_error(name: Any, kwargs: dict[str, Any]) -> Optional[OSError]
     return None
 
 
-def check_loading_info(name: Any, info: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming every missing, unexpected or mismatched weight of transformers' loading report."""
+def _shape(shape: Any) -> str:
+    return "(" + ", ".join(str(int(d)) for d in shape) + ")"
+
+
+def check_loading_info(name: Any, info: dict[str, Any], kwargs: Optional[dict[str, Any]] = None) -> None:
+    """Raise ``ValueError`` naming the checkpoint's files and every missing, unexpected or mismatched weight of
+    transformers' loading report (a mismatched one with its shape in the weights and the shape its config gives).
+
+    ``info`` is the report of ``from_pretrained(..., output_loading_info=True, ignore_mismatched_sizes=True)``: its
+    ``mismatched_keys`` hold ``(name, shape in the weights, shape of the model built from config.json)``; ``kwargs``
+    are the ``from_pretrained`` keyword arguments that locate the files (``subfolder``, ``revision``...).
+    """
+    mismatched = []
+    for key in sorted(info.get("mismatched_keys") or [], key=lambda k: str(k[0] if isinstance(k, tuple) else k)):
+        if isinstance(key, tuple) and len(key) == 3:
+            mismatched.append(f"{key[0]} (weights {_shape(key[1])}, config.json {_shape(key[2])})")
+        else:
+            mismatched.append(str(key[0] if isinstance(key, tuple) else key))
     problems = {
-        "missing": sorted(info.get("missing_keys") or []),
-        "unexpected": sorted(info.get("unexpected_keys") or []),
-        "mismatched": sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []),
+        "missing weights": sorted(info.get("missing_keys") or []),
+        "unexpected weights": sorted(info.get("unexpected_keys") or []),
+        "mismatched shapes": mismatched,
     }
-    if any(problems.values()):
-        details = "; ".join(f"{kind} weights: {', '.join(keys)}" for kind, keys in problems.items() if keys)
-        raise ValueError(
-            f"The checkpoint {str(name)!r} does not match its config.json ({details}); nothing is initialised at "
-            "random. Pass `output_loading_info=True` to load it anyway and inspect the report."
-        )
+    if not any(problems.values()):
+        return
+    details = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in problems.items() if keys)
+    kwargs = kwargs or {}
+    config = _config_file(name, kwargs) if name is not None else None
+    files = _weight_files(name, kwargs) if name is not None else []
+    weights = f" {', '.join(files)}" if files else ""
+    raise ValueError(
+        f"{config or 'The config.json'} does not match the weights{weights} of checkpoint {str(name)!r} "
+        f"({details}); nothing is initialised at random. Fix the config or the weights, or pass "
+        "`output_loading_info=True` to load it anyway and inspect the report."
+    )

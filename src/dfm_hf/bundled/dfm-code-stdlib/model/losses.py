@@ -54,17 +54,26 @@ def generalized_kl_loss(
     ignore_index: int = IGNORE_INDEX,
     num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """Mixture-path generalized KL (Meta's ``MixturePathGeneralizedKL``), averaged over the scored tokens.
+    """Mixture-path generalized KL (the per-token term of Meta's ``MixturePathGeneralizedKL``), summed over the
+    scored tokens and divided by their number ``K`` (or by ``num_items_in_batch``).
 
     Per scored token ``i`` (``labels_i != ignore_index``), with ``x1 = labels``, ``x_t = input_ids``,
     ``delta = [x_t^i == x1^i]`` and ``rate = kappa'_t / (1 - kappa_t)`` (``kappa_rate``)::
 
         loss_i = -rate * ( p_{1|t}(x_t^i) - delta + (1 - delta) * log p_{1|t}(x1^i) )
+        loss   = (1 / K) * sum_i loss_i
 
     computed in float32. ``logits`` is ``(..., vocab)``; ``labels`` and ``input_ids`` are ``(...)``; ``kappa_rate``
     is a scalar, one rate per row (``(batch,)`` for ``(batch, len)`` labels) or anything broadcasting against
-    ``labels``. Its time integral is an ELBO on ``-log p(x1)``; it is singular at ``t -> 1`` (train on
-    ``t <= 1 - eps``). With ``num_items_in_batch`` the sum is divided by it instead of by the local count.
+    ``labels``. Singular at ``t -> 1`` (train on ``t <= 1 - eps``).
+
+    What the time integral is depends on the denominator. With the sum (``num_items_in_batch=1``) over the
+    corruptible tokens of a sequence (the mask source scores its masked ones: a visible token's term is 0 when the
+    model keeps it, as the samplers do), ``E_{t ~ U[0, 1]} E_{x_t}[sum_i loss_i]`` is the negative ELBO of the
+    sequence, a bound on ``-log p(x1)``; divided by the number ``N`` of corruptible tokens, a denominator that does
+    not depend on ``t`` (``num_items_in_batch=N``), it is the bound per token. The default ``1 / K`` is not: at the
+    mask source ``K`` is the number of masked tokens, about ``(1 - kappa_t) N``, so it weights time ``t`` by a further
+    ``N / K`` (a positive weight: the minimiser at each ``t``, the true posterior, is the same).
     """
     flat = logits.reshape(-1, logits.shape[-1])
     labels = labels.to(flat.device)
