@@ -32,7 +32,7 @@ SKIPPED = ("bundled",)  # data folders shipped inside the package, not code
 #: Layers, lowest first: a module may import only modules of its own layer or a lower one. A name matches a module
 #: and its submodules; the longest match wins.
 LAYERS: list[tuple[str, ...]] = [
-    ("dfm_hf", "dfm_hf._lazy", "dfm_hf.rng", "dfm_hf.paths", "dfm_hf.data"),
+    ("dfm_hf", "dfm_hf._lazy", "dfm_hf.devices", "dfm_hf.rng", "dfm_hf.paths", "dfm_hf.data"),
     ("dfm_hf.schedulers",),
     ("dfm_hf.hub",),
     ("dfm_hf.models", "dfm_hf.models.configuration_dfm"),

@@ -17,6 +17,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from ..devices import accelerator_available
 from .generators import AR_PRESETS, ARGenerator, load_generator
 from .judge import load_judge
 from .results import read_results, write_all, write_samples, write_text
@@ -83,7 +84,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not accelerator_available())  # accelerate picks CUDA, MPS, XPU... where present
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     device = args.device or accelerator.device
     csv_path = os.path.join(args.output_dir, "results.csv")

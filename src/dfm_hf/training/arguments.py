@@ -170,7 +170,7 @@ def add_optimisation_arguments(
         default="ce",
         choices=LOSS_TYPES,
         help="ce: -log p_{1|t}(x1 | x_t) on the scored tokens; generalized_kl: the mixture-path ELBO term weighted "
-        "by kappa'_t / (1 - kappa_t) (see dfm_hf.training.losses)",
+        "by kappa'_t / (1 - kappa_t), averaged over the scored tokens (see dfm_hf.models.losses)",
     )
     o.add_argument(
         "--loss_weighting",

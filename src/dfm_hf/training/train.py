@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..devices import accelerator_available
 from ..models.losses import IGNORE_INDEX, generalized_kl_loss
 from .adapters import apply_lora, check_lora_targets, init_source, load_init_pipeline, save_training_adapter
 from .arguments import TOKEN_ID_KEYS, build_parser, validate_args, validate_block_diffusion
@@ -58,23 +59,14 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _accelerator_available() -> bool:
-    """True when torch sees an accelerator (CUDA, MPS, XPU, ...) that accelerate would train on: ``torch.accelerator``
-    where it exists (torch >= 2.6), else CUDA, MPS or XPU."""
-    if hasattr(torch, "accelerator"):
-        return bool(torch.accelerator.is_available())
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
-
-
 def make_accelerator(args: argparse.Namespace) -> Any:
     """An ``Accelerator`` on accelerate's device choice (CUDA, MPS, XPU, ... where present); ``cpu=True`` only on a
-    machine with no accelerator (:func:`_accelerator_available`), so that torchrun's CPU processes form one gloo group
-    (accelerate otherwise gives each of them its own run)."""
+    machine with no accelerator (:func:`~dfm_hf.devices.accelerator_available`), so that torchrun's CPU processes
+    form one gloo group (accelerate otherwise gives each of them its own run)."""
     from accelerate import Accelerator
 
     return Accelerator(
-        cpu=not _accelerator_available(),
+        cpu=not accelerator_available(),
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
     )
