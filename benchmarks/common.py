@@ -35,6 +35,8 @@ import torch
 LINE_FIELDS = 6
 VERDICTS = ("PASS", "FAIL", "INFO")
 MIB = 1024 * 1024
+#: ``--device`` values.
+DEVICES = ("cpu", "cuda", "mps", "xpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -45,7 +47,7 @@ MIB = 1024 * 1024
 def base_parser(description: str) -> argparse.ArgumentParser:
     """A parser with the flags every script takes: ``--device``, ``--quick``, ``--repeats``, ``--seed``."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="where the models run (see setup)")
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test); overrides the size flags")
     parser.add_argument("--repeats", type=int, default=None, help="timing rounds (median); default per script")
     parser.add_argument("--seed", type=int, default=0)
@@ -55,13 +57,28 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def device_available(device: str) -> bool:
+    """Whether torch can run on ``device`` (one of :data:`DEVICES`) on this machine."""
+    if device == "cuda":
+        return torch.cuda.is_available()
+    if device == "mps":
+        return torch.backends.mps.is_available()
+    if device == "xpu":
+        return hasattr(torch, "xpu") and torch.xpu.is_available()
+    return device == "cpu"
+
+
 def setup(args: argparse.Namespace) -> None:
-    """Apply ``--threads`` (before any parallel work, and for the probe subprocesses through OMP_NUM_THREADS)."""
+    """Apply ``--threads`` (before any parallel work, and for the probe subprocesses through OMP_NUM_THREADS); exit
+    with a clear message when ``--device`` is not available here."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available on this machine")
+    if not device_available(args.device):
+        raise SystemExit(
+            f"--device {args.device}: torch {torch.__version__} sees no {args.device} device on this machine "
+            f"(available: {', '.join(d for d in DEVICES if device_available(d))})"
+        )
 
 
 def cpu_model() -> str:
@@ -79,8 +96,8 @@ def cpu_model() -> str:
 def print_header(name: str, device: str, settings: dict[str, Any]) -> None:
     """Print ``#`` lines naming the benchmark, the machine and the settings."""
     dev = device
-    if device == "cuda" and torch.cuda.is_available():
-        dev = f"cuda ({torch.cuda.get_device_name()})"
+    if device in ("cuda", "xpu") and device_available(device):
+        dev = f"{device} ({getattr(torch, device).get_device_name()})"
     print(f"# {name}")
     print(
         f"# machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
@@ -171,10 +188,12 @@ def random_pipeline(
     max_positions: int,
     device: str,
     seed: int = 0,
+    block_size: Optional[int] = None,
     **scheduler_kwargs: Any,
 ) -> Any:
     """A ``DFMPipeline`` around a randomly initialised ``DFMForMaskedGeneration`` (mask id ``vocab - 1``, pad 0,
-    no time conditioning) and a ``DiscreteFlowScheduler`` (linear kappa unless ``scheduler_kwargs`` say otherwise)."""
+    no time conditioning; ``block_size``: a block-diffusion model) and a ``DiscreteFlowScheduler`` (linear kappa
+    unless ``scheduler_kwargs`` say otherwise)."""
     from dfm_hf.models import DFMConfig, DFMForMaskedGeneration
     from dfm_hf.pipelines import DFMPipeline
     from dfm_hf.schedulers import DiscreteFlowScheduler
@@ -190,6 +209,7 @@ def random_pipeline(
         mask_token_id=vocab - 1,
         pad_token_id=0,
         time_conditioning=False,
+        block_size=block_size,
     )
     model = DFMForMaskedGeneration(config).eval().to(device)
     scheduler = DiscreteFlowScheduler(mask_token_id=vocab - 1, vocab_size=vocab, **scheduler_kwargs)
@@ -210,8 +230,8 @@ def generator(device: str, seed: int) -> torch.Generator:
 
 def sync(device: str) -> None:
     """Wait for queued device work (no-op on CPU)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
+    if device in ("cuda", "mps", "xpu"):
+        getattr(torch, device).synchronize()
 
 
 def time_call(fn: Callable[[], Any], device: str) -> float:
@@ -273,15 +293,19 @@ def peak_extra_bytes(fn: Callable[[], Any], device: str) -> dict[str, int]:
     """Peak memory ``fn`` adds over what is resident when it starts (see the module docstring).
 
     Returns ``{"before": ..., "peak": ..., "extra": ...}`` in bytes. CPU: RSS from /proc/self/status after resetting
-    the peak counter with ``/proc/self/clear_refs``. CUDA: allocated device memory (``max_memory_allocated``).
+    the peak counter with ``/proc/self/clear_refs``. CUDA, XPU: allocated device memory (``max_memory_allocated``).
+    MPS has no peak counter: ``SystemExit``.
     """
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+    if device == "mps":
+        raise SystemExit("--device mps: torch.mps has no peak-memory counter; measure memory on cpu, cuda or xpu")
+    if device in ("cuda", "xpu"):
+        backend = getattr(torch, device)
+        backend.synchronize()
+        backend.reset_peak_memory_stats()
+        before = backend.memory_allocated()
         fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
+        backend.synchronize()
+        peak = backend.max_memory_allocated()
         return {"before": before, "peak": peak, "extra": peak - before}
     before = _status_kib("VmRSS") * 1024
     with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:

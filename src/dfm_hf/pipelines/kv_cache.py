@@ -15,6 +15,9 @@ from a partial forward of the query positions (``position_ids`` = their absolute
 cache, which each step rewrites in place at those positions). With a cache computed from the current tokens
 (``refresh_steps=1``) this is exact up to float rounding; otherwise the cached states are stale (they were computed
 before the window's tokens were committed): that is the approximation. ``kv_cache=None`` is the exact path.
+
+A block-diffusion model (``config.block_size``) needs none of this: its finished blocks never change, and its exact
+cache is :class:`~dfm_hf.pipelines.runner.BlockRunner`'s (:func:`resolve_kv_cache` picks it).
 """
 
 from __future__ import annotations
@@ -29,15 +32,32 @@ from ..models.cache import DFMBlockCache
 KV_CACHE_MODES = ("prefix", "dual")
 
 
-def validate_kv_cache(kv_cache: object, refresh_steps: object, scheduler: Any) -> None:
-    """Raise ``ValueError`` unless ``kv_cache`` is None / "prefix" / "dual" (with a block scheduler) and
-    ``refresh_steps`` is None or an integer >= 1 (only with a cache)."""
-    if kv_cache is None:
+def resolve_kv_cache(kv_cache: object, refresh_steps: object, scheduler: Any, model_config: Any) -> Optional[str]:
+    """The key/value cache a call uses: ``"block"`` (the exact cache of a block-diffusion model), ``"prefix"``,
+    ``"dual"`` or None.
+
+    ``kv_cache="auto"`` (the default) is ``"block"`` for a block-diffusion model (``config.block_size`` set) without
+    time conditioning (a time-conditioned model's keys depend on the step's time, so nothing can be cached exactly)
+    and None otherwise. Raises ``ValueError`` unless ``kv_cache`` is ``"auto"``, None, ``"prefix"`` or ``"dual"``
+    (the last two only for a full-attention model with a block scheduler), and unless ``refresh_steps`` is None or an
+    integer >= 1 (only with ``"prefix"`` / ``"dual"``).
+    """
+    block_size = getattr(model_config, "block_size", None)
+    if kv_cache == "auto" or kv_cache is None:
         if refresh_steps is not None:
-            raise ValueError("`kv_cache_refresh_steps` needs `kv_cache`='prefix' or 'dual', got kv_cache=None.")
-        return
+            raise ValueError(
+                f"`kv_cache_refresh_steps` needs `kv_cache`='prefix' or 'dual', got kv_cache={kv_cache!r}."
+            )
+        if kv_cache is None or block_size is None:
+            return None
+        return None if getattr(model_config, "time_conditioning", False) else "block"
     if kv_cache not in KV_CACHE_MODES:
-        raise ValueError(f"`kv_cache` must be None or one of {list(KV_CACHE_MODES)}, got {kv_cache!r}.")
+        raise ValueError(f"`kv_cache` must be 'auto', None or one of {list(KV_CACHE_MODES)}, got {kv_cache!r}.")
+    if block_size is not None:
+        raise ValueError(
+            f"`kv_cache`={kv_cache!r} is the approximate cache of full-attention models; a block-diffusion model "
+            f"(block_size={block_size}) caches its finished blocks exactly: use kv_cache='auto' (the default) or None."
+        )
     if getattr(scheduler.config, "block_length", None) is None:
         raise ValueError(
             f"`kv_cache`={kv_cache!r} needs a block scheduler (`block_length` set in the scheduler config, e.g. "
@@ -47,6 +67,7 @@ def validate_kv_cache(kv_cache: object, refresh_steps: object, scheduler: Any) -
         isinstance(refresh_steps, bool) or not isinstance(refresh_steps, int) or refresh_steps < 1
     ):
         raise ValueError(f"`kv_cache_refresh_steps` must be None or an integer >= 1, got {refresh_steps!r}.")
+    return kv_cache
 
 
 def query_positions(window: torch.Tensor, mode: str, logits_shift: bool) -> torch.Tensor:
@@ -112,4 +133,4 @@ class BlockCacheState:
         self.refreshes += 1
 
 
-__all__ = ["KV_CACHE_MODES", "BlockCacheState", "keep_in_slice", "query_positions", "validate_kv_cache"]
+__all__ = ["KV_CACHE_MODES", "BlockCacheState", "keep_in_slice", "query_positions", "resolve_kv_cache"]

@@ -4,7 +4,8 @@ The walk of one call: tokenize and lay out ``[prompt | masks]`` rows with a ``co
 padding never change) -> each step: the scheduler's :meth:`plan_step` says which positions read logits -> the model
 runs only on the rows that have such positions and computes its LM head only there (``logits_to_keep``); a step in
 which no position can move runs no model at all (exact: its logits would not be read) -> ``scheduler.step`` -> after
-the last step, decode.
+the last step, decode. A block-diffusion model (``config.block_size``) runs the block-by-block loop of
+:mod:`~dfm_hf.pipelines.block_diffusion` instead, with its exact key/value cache.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from ..rng import check_generator, uniform_tokens_at
 from ..schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
 from ..schedulers.presets import default_scheduler_presets
 from ..schedulers.utils import validate_num_inference_steps
-from .kv_cache import BlockCacheState, validate_kv_cache
+from .block_diffusion import check_block_prompts, generate_blocks
+from .kv_cache import BlockCacheState, resolve_kv_cache
 from .loading import DFMPipelineLoadingMixin
 from .lora import DFMLoraLoaderMixin
 from .runner import ModelRunner
@@ -136,14 +138,12 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
             raise ValueError("`prompt` needs a `tokenizer` component; pass `input_ids` instead.")
         return [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
-    def prepare_inputs(
+    def prompt_rows(
         self, prompt: Any = None, input_ids: Any = None, gen_length: int = 0, num_samples_per_prompt: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Lay out ``[prompt | gen_length masks]`` rows, right-padded.
-
-        Returns ``(sample, condition_mask, attention_mask, generated_mask)``; ``condition_mask`` is True at given
-        tokens and padding, ``generated_mask`` at the positions to generate.
-        """
+    ) -> list[list[int]]:
+        """The token ids of every output row's prompt (each prompt repeated ``num_samples_per_prompt`` times),
+        checked against the model: ids in the vocabulary, prompt + ``gen_length`` within the positions, something to
+        generate."""
         if isinstance(gen_length, bool) or not isinstance(gen_length, int) or gen_length < 0:
             raise ValueError(f"`gen_length` must be an integer >= 0, got {gen_length!r}.")
         if isinstance(num_samples_per_prompt, bool) or not isinstance(num_samples_per_prompt, int):
@@ -168,12 +168,30 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
                     f"prompt ({len(ids)} tokens) + `gen_length` ({gen_length}) = {len(ids) + gen_length} exceeds the "
                     f"model's max_position_embeddings={max_len}."
                 )
-            row = list(ids) + [mask] * gen_length
-            if mask not in row:
+            if gen_length == 0 and mask not in ids:
                 raise ValueError(
                     "The prompt has nothing to generate: `gen_length` is 0 and it holds no mask token to infill."
                 )
-            rows.extend([row] * num_samples_per_prompt)
+            rows.extend([list(ids)] * num_samples_per_prompt)
+        return rows
+
+    def prepare_inputs(
+        self, prompt: Any = None, input_ids: Any = None, gen_length: int = 0, num_samples_per_prompt: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Lay out ``[prompt | gen_length masks]`` rows, right-padded (the layout of a full-attention model; a
+        block-diffusion model lays its rows out on its block grid, see :mod:`~dfm_hf.pipelines.block_diffusion`).
+
+        Returns ``(sample, condition_mask, attention_mask, generated_mask)``; ``condition_mask`` is True at given
+        tokens and padding, ``generated_mask`` at the positions to generate.
+        """
+        prompts = self.prompt_rows(prompt, input_ids, gen_length, num_samples_per_prompt)
+        return self._right_padded(prompts, gen_length)
+
+    def _right_padded(
+        self, prompts: list[list[int]], gen_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        mask = self.mask_token_id
+        rows = [ids + [mask] * gen_length for ids in prompts]
         length = max(len(r) for r in rows)
         pad = self._pad_id()
         sample = torch.full((len(rows), length), pad, dtype=torch.long)
@@ -218,7 +236,7 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
         use_logits_to_keep: bool = True,
         messages: Optional[Union[list[dict[str, str]], list[list[dict[str, str]]]]] = None,
         guidance_scale: float = 1.0,
-        kv_cache: Optional[str] = None,
+        kv_cache: Optional[str] = "auto",
         kv_cache_refresh_steps: Optional[int] = None,
     ) -> Union[DFMPipelineOutput, tuple]:
         """Generate.
@@ -229,7 +247,9 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
                 chat template is applied (use ``messages``).
             input_ids: token ids instead of ``prompt`` (same layout rules).
             gen_length: tokens generated after the prompt (may be 0 when the prompt holds mask tokens).
-            num_inference_steps: scheduler steps (an upper bound on model calls); ``nfe`` counts the calls run.
+            num_inference_steps: scheduler steps (an upper bound on model calls); ``nfe`` counts the calls run. A
+                block-diffusion model splits them over each row's blocks (see
+                :mod:`~dfm_hf.pipelines.block_diffusion`).
             num_samples_per_prompt: rows per prompt.
             temperature, top_k, top_p: override the scheduler's values for this call.
             generator: one ``torch.Generator``, or one per output row. Row ``b`` of a list reads only
@@ -253,9 +273,12 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
                 (diffusers' convention; 1.0 = off; LLaDA's ``cfg_scale`` is ``guidance_scale - 1``). The
                 unconditional branch is the same rows with every conditioning token (prompt, infill context) replaced
                 by the mask token; both branches run in one batched forward.
-            kv_cache: ``None`` (exact), ``"prefix"`` or ``"dual"``: the approximate key/value cache of block
-                schedulers (see :mod:`dfm_hf.pipelines.kv_cache`): cached keys/values go stale within a block, so
-                it is an approximation; ``kv_cache=None`` is the exact path.
+            kv_cache: ``"auto"`` (default): the exact key/value cache of a block-diffusion model (``config.
+                block_size`` set; see :mod:`dfm_hf.pipelines.block_diffusion`), none for a full-attention model.
+                ``None``: no cache (the exact path; a block model then recomputes the prefix at every step, with the
+                same tokens). ``"prefix"`` or ``"dual"`` (full-attention models with a block scheduler): the
+                approximate key/value cache (see :mod:`dfm_hf.pipelines.kv_cache`): cached keys/values go stale
+                within a block, so it is an approximation.
             kv_cache_refresh_steps: with ``kv_cache``, also recompute the cache every ``k`` steps inside a block
                 (default: only when a block opens). ``1`` recomputes it every step (exact up to rounding).
 
@@ -282,15 +305,65 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
         if output_type == "text" and self.tokenizer is None:
             raise ValueError("`output_type`='text' needs a `tokenizer` component; use output_type='pt'.")
         scheduler = self._scheduler_for_call(temperature, top_k, top_p)
-        validate_kv_cache(kv_cache, kv_cache_refresh_steps, scheduler)
+        cache_mode = resolve_kv_cache(kv_cache, kv_cache_refresh_steps, scheduler, self.model.config)
         if messages is not None:
             if prompt is not None or input_ids is not None:
                 raise ValueError("Pass `messages` or `prompt`/`input_ids`, not both.")
             input_ids = self._chat_ids(messages)
-        sample, condition, attention, generated = self.prepare_inputs(
-            prompt, input_ids, gen_length, num_samples_per_prompt
+        prompts = self.prompt_rows(prompt, input_ids, gen_length, num_samples_per_prompt)
+        block_size = getattr(self.model.config, "block_size", None)
+        if block_size is not None:
+            check_block_prompts(prompts, self.mask_token_id, block_size)
+        check_generator(generator, len(prompts))
+        self._num_timesteps = num_inference_steps
+        self._guidance_scale = float(guidance_scale)
+        pad, tokenizer = self._pad_id(), self.tokenizer  # read once, like every setting of the call
+        common = dict(
+            scheduler=scheduler,
+            prompts=prompts,
+            gen_length=gen_length,
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            guidance_scale=guidance_scale,
+            skip_idle_steps=skip_idle_steps,
+            use_logits_to_keep=use_logits_to_keep,
+            callback=callback_on_step_end,
+            tensor_inputs=tensor_inputs,
+            return_full_text=return_full_text,
         )
-        check_generator(generator, sample.shape[0])
+        if block_size is not None:
+            result = generate_blocks(self, cached=cache_mode == "block", **common)
+            sample, keep, generated, nfe = result.sample, result.keep, result.generated, result.nfe
+        else:
+            sample, keep, generated, nfe = self._generate_full_attention(
+                kv_cache=cache_mode, kv_cache_refresh_steps=kv_cache_refresh_steps, **common
+            )
+        sequences = _pack_rows(sample, keep, pad)
+        texts = _decode(tokenizer, sample, keep, generated) if output_type == "text" else None
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (sequences, texts, nfe)
+        return DFMPipelineOutput(sequences=sequences, texts=texts, nfe=nfe)
+
+    def _generate_full_attention(
+        self,
+        scheduler: Any,
+        prompts: list[list[int]],
+        gen_length: int,
+        num_inference_steps: int,
+        generator: Any,
+        guidance_scale: float,
+        skip_idle_steps: bool,
+        use_logits_to_keep: bool,
+        callback: Optional[Callable[..., dict]],
+        tensor_inputs: list[str],
+        return_full_text: bool,
+        kv_cache: Optional[str],
+        kv_cache_refresh_steps: Optional[int],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The sampling loop of a full-attention model: ``(sample, keep, generated, nfe)`` (host tensors)."""
+        callback_on_step_end = callback
+        sample, condition, attention, generated = self._right_padded(prompts, gen_length)
         padded = not bool(attention.all())  # checked once per call, on the host tensors
         device = self._execution_device
         if scheduler.config.get("source_distribution", "mask") == "uniform":
@@ -300,14 +373,11 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
         sample, condition = sample.to(device), condition.to(device)
         attention = attention.to(device) if padded else None
         scheduler.set_timesteps(num_inference_steps, device=device)
-        self._num_timesteps = num_inference_steps
-        self._guidance_scale = float(guidance_scale)
         drop = condition & attention.bool() if padded else condition  # given tokens: masked when unconditional
         runner = ModelRunner(
             self.model, self.mask_token_id, attention, drop, skip_idle_steps, use_logits_to_keep, guidance_scale
         )
         kv_state = BlockCacheState(kv_cache, kv_cache_refresh_steps) if kv_cache else None
-        pad, tokenizer = self._pad_id(), self.tokenizer  # read once, like every setting of the call
         for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
             plan = scheduler.plan_step(sample, t, generator=generator, condition_mask=condition)
             if kv_state is not None:
@@ -323,13 +393,7 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
                 out = callback_on_step_end(self, i, t, {k: local[k] for k in tensor_inputs}) or {}
                 sample = out.get("sample", sample)
         keep = (attention.bool() if padded else torch.ones_like(condition)) if return_full_text else generated
-        sample, keep, generated = sample.cpu(), keep.cpu(), generated.cpu()
-        sequences = _pack_rows(sample, keep, pad)
-        texts = _decode(tokenizer, sample, keep, generated) if output_type == "text" else None
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (sequences, texts, runner.nfe)
-        return DFMPipelineOutput(sequences=sequences, texts=texts, nfe=runner.nfe)
+        return sample.cpu(), keep.cpu(), generated.cpu(), runner.nfe
 
     def _chat_ids(self, messages: Any) -> list[list[int]]:
         """Token ids of each conversation with the tokenizer's chat template and the generation prompt applied."""

@@ -22,6 +22,14 @@ step ``i`` commits ``k = ceil(m_w / (floor(w_i N / B) - i))`` of the ``m_w`` mas
 :func:`~dfm_hf.schedulers.utils.block_windows`). With ``N`` a multiple of ``B`` each block gets ``N / B`` steps
 (LLaDA's schedule); the last step commits every block.
 
+``transfer_schedule`` says how many positions a step commits (``k``; the last step of a window commits what is
+left in any case): ``"even"`` is the rule above, ``k = ceil(m / steps_left)`` (LLaDA's even split of the remaining
+tokens); ``"fixed"`` is ``k = min(m, ceil(W / S))`` with ``W`` the width of the window (its blocks times the block
+length, given positions included; without blocks the number of positions to generate) and ``S`` the steps the window
+gets (SDAR's block-diffusion rule: a window with fewer masks, such as a block holding the prompt's tail, finishes
+early and its remaining steps run no model). ``None`` (default) picks ``"fixed"`` when the caller passes the windows
+(:meth:`plan_step`'s ``windows``: the block grid of a block-diffusion model) and ``"even"`` otherwise.
+
 With ``confidence_threshold = tau`` (Fast-dLLM's parallel decoding) a step commits every ranked position whose
 confidence exceeds ``tau`` as well as the ``k`` most confident ones (so at least the most confident one, and at least
 what the schedule needs to finish within ``N`` steps): blocks fill faster, the steps left with nothing to commit read
@@ -52,9 +60,11 @@ from .sampling import (
     rows_of,
 )
 from .utils import (
+    BlockWindows,
     DFMSchedulerMixin,
     StepPlan,
     block_windows,
+    check_windows,
     validate_block_length,
     validate_num_inference_steps,
     validate_sampling_args,
@@ -62,6 +72,7 @@ from .utils import (
 
 REMASKING = ("low_confidence", "random")
 CONFIDENCES = ("probability", "margin", "entropy")
+TRANSFER_SCHEDULES = ("even", "fixed")
 
 
 @dataclass
@@ -79,7 +90,8 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
     ``confidence`` (``"probability"`` | ``"margin"`` | ``"entropy"``), ``temperature`` (0 = greedy, LLaDA's default),
     ``top_k``, ``top_p``, ``sampling_dtype``, ``block_length`` (None: rank every masked position; an integer:
     semi-autoregressive blocks), ``confidence_threshold`` (None: the fixed schedule; a number: also commit every
-    position whose confidence exceeds it).
+    position whose confidence exceeds it), ``transfer_schedule`` (``"even"`` | ``"fixed"`` | None: how many positions
+    a step commits; module docstring).
     """
 
     order = 1
@@ -99,6 +111,7 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         block_length: Optional[int] = None,
         confidence: str = "probability",
         confidence_threshold: Optional[float] = None,
+        transfer_schedule: Optional[str] = None,
     ) -> None:
         if source_distribution != "mask":
             raise ValueError(
@@ -112,6 +125,10 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         validate_sampling_args(temperature, top_k, top_p)
         check_sampling_dtype(sampling_dtype)
         validate_block_length(block_length)
+        if transfer_schedule is not None and transfer_schedule not in TRANSFER_SCHEDULES:
+            raise ValueError(
+                f"`transfer_schedule` must be None or one of {list(TRANSFER_SCHEDULES)}, got {transfer_schedule!r}."
+            )
         if confidence_threshold is not None:
             if (
                 isinstance(confidence_threshold, bool)
@@ -132,7 +149,8 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         self._step_index: Optional[int] = None
 
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device, None] = None) -> None:
-        """Uniform grid ``t_i = i / N``; step ``i`` commits ``ceil(masked / (N - i))`` tokens per row."""
+        """Uniform grid ``t_i = i / N``; step ``i`` commits ``ceil(masked / (N - i))`` tokens per row (without blocks,
+        under the ``"even"`` transfer schedule; see the module docstring for the others)."""
         validate_num_inference_steps(num_inference_steps)
         self._times = [i / num_inference_steps for i in range(num_inference_steps + 1)]
         self.num_inference_steps = num_inference_steps
@@ -145,29 +163,61 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         timestep: Union[float, torch.Tensor],
         generator: GeneratorLike = None,
         condition_mask: Optional[torch.Tensor] = None,
+        windows: Optional[BlockWindows] = None,
     ) -> StepPlan:
         """The :class:`StepPlan` of this step: ``positions`` are the masked free positions to rank (those of the open
-        window with ``block_length``) and ``steps_left`` the steps left to commit all of them. Draws nothing."""
+        window with ``block_length`` or ``windows``), ``steps_left`` the steps left to commit all of them and
+        ``commits`` how many the step commits. Draws nothing.
+
+        ``windows``: the open windows decided by the caller (a :class:`~dfm_hf.schedulers.utils.BlockWindows` from
+        :func:`~dfm_hf.schedulers.utils.block_grid_windows`: the block grid of a block-diffusion model, each row's
+        block generated in its own number of steps); None: no blocks, or the split of ``block_length``.
+        """
         self._check_sample(sample, condition_mask)
         check_generator(generator, sample.shape[0])
+        check_windows(windows, sample)
         i = self._index_for(timestep)
         n = self.num_inference_steps
         free = torch.ones_like(sample, dtype=torch.bool) if condition_mask is None else ~condition_mask.bool()
         needs = (sample == self.config.mask_token_id) & free
         t = torch.full((sample.shape[0],), self._times[i], dtype=torch.float32, device=sample.device)
-        if self.config.block_length is None:
-            return StepPlan(i, needs, rng.row_counts(needs), steps_left=n - i, timesteps=t)
-        blocks = block_windows(free, self.config.block_length, i, n)
+        if windows is None and self.config.block_length is None:
+            width = free.sum(1)
+            commits = self._commits(needs.sum(1), n - i, width, n, explicit=False)
+            return StepPlan(i, needs, rng.row_counts(needs), steps_left=n - i, commits=commits, timesteps=t)
+        blocks = windows if windows is not None else block_windows(free, self.config.block_length, i, n)
         needs = needs & blocks.window
+        steps_left = blocks.last_step - i + 1
+        span = blocks.last_step - blocks.first_step + 1
+        if windows is not None:  # the caller's blocks: each row's local time
+            t = ((i - blocks.first_step) / span).to(torch.float32)
         return StepPlan(
             i,
             needs,
             rng.row_counts(needs),
-            steps_left=blocks.last_step - i + 1,
+            steps_left=steps_left,
+            commits=self._commits(needs.sum(1), steps_left, blocks.width, span, explicit=windows is not None),
             window=blocks.window,
             window_index=blocks.num_open,
             timesteps=t,
         )
+
+    def _commits(
+        self,
+        masked: torch.Tensor,
+        steps_left: Union[int, torch.Tensor],
+        width: torch.Tensor,
+        span: Union[int, torch.Tensor],
+        explicit: bool,
+    ) -> torch.Tensor:
+        """``k`` per row: ``ceil(m / steps_left)`` ("even"), or ``min(m, max(ceil(W / S), ceil(m / steps_left)))``
+        ("fixed": the second term only ever matters when a callback re-masked positions)."""
+        even = (masked + steps_left - 1) // steps_left
+        schedule = self.config.transfer_schedule or ("fixed" if explicit else "even")
+        if schedule == "even":
+            return even
+        fixed = (width + span - 1) // span
+        return torch.minimum(masked, torch.maximum(fixed, even))
 
     def _confidence(self, rows: torch.Tensor, generator: GeneratorLike, plan: StepPlan, dtype: torch.dtype):
         """``(tokens, scores)`` for the (K, vocab) logit rows: the drawn tokens and the ranking score of each row (for
@@ -220,8 +270,10 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         tokens, scores = self._confidence(rows, generator, plan, dtype)
         conf = torch.full(sample.shape, -math.inf, dtype=dtype, device=sample.device)
         conf[needs] = scores.to(dtype)
-        steps_left = plan.steps_left
-        k = (needs.sum(1) + steps_left - 1) // steps_left
+        if plan.commits is not None:
+            k = plan.commits
+        else:
+            k = (needs.sum(1) + plan.steps_left - 1) // plan.steps_left
         order = conf.argsort(dim=1, descending=True, stable=True)
         ranks = torch.empty_like(order).scatter_(
             1, order, torch.arange(sample.shape[1], device=sample.device).expand_as(order)

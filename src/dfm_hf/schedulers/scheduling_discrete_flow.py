@@ -41,9 +41,11 @@ from .. import paths, rng
 from ..rng import GeneratorLike, check_generator
 from .sampling import SAMPLING_DTYPES, check_sampling_dtype, draw_categorical, process_logits, rows_of, sample_rows
 from .utils import (
+    BlockWindows,
     DFMSchedulerMixin,
     StepPlan,
     block_windows,
+    check_windows,
     validate_block_length,
     validate_num_inference_steps,
     validate_sampling_args,
@@ -181,6 +183,7 @@ class DiscreteFlowScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
         timestep: Union[float, torch.Tensor],
         generator: GeneratorLike = None,
         condition_mask: Optional[torch.Tensor] = None,
+        windows: Optional[BlockWindows] = None,
     ) -> StepPlan:
         """Decide which positions move in this step, from the schedule alone, and return the :class:`StepPlan`.
 
@@ -189,13 +192,23 @@ class DiscreteFlowScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
         reads one uniform number ``u`` here (row-major; per row with a list of generators): mask source,
         ``forward = masked & (u < p_fwd)``, ``backward = visible & (u < p_bwd)``; uniform source,
         ``forward = u < p_fwd``, ``backward = ~forward & (u < p_fwd + (1 - p_fwd) p_bwd)``.
+
+        ``windows``: the open windows decided by the caller (a :class:`~dfm_hf.schedulers.utils.BlockWindows` from
+        :func:`~dfm_hf.schedulers.utils.block_grid_windows`: the block grid of a block-diffusion model; mask source
+        only); each window runs its own flow, as with ``block_length``. None: no blocks, or ``block_length``'s split.
         """
         self._check_sample(sample, condition_mask)
         check_generator(generator, sample.shape[0])
+        check_windows(windows, sample)
         i = self._index_for(timestep)
         c = self.config
-        if c.block_length is not None:
-            return self._plan_blocks(sample, i, generator, condition_mask)
+        if windows is not None and c.source_distribution != "mask":
+            raise ValueError(
+                "`windows` need `source_distribution`='mask' (later blocks wait masked), "
+                f"got {c.source_distribution!r}."
+            )
+        if c.block_length is not None or windows is not None:
+            return self._plan_blocks(sample, i, generator, condition_mask, windows)
         t, t_next = (torch.tensor(v, dtype=torch.float64) for v in self._times[i : i + 2])
         k, p_fwd, p_bwd = self._jump_probabilities(t, t_next, torch.tensor(i == self.num_inference_steps - 1))
         p_fwd, p_bwd = p_fwd.to(sample.device), p_bwd.to(sample.device)
@@ -226,12 +239,17 @@ class DiscreteFlowScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
         return 0.5 - 0.5 * torch.cos(math.pi * s) if self.config.time_spacing == "cosine" else s
 
     def _plan_blocks(
-        self, sample: torch.Tensor, i: int, generator: GeneratorLike, condition_mask: Optional[torch.Tensor]
+        self,
+        sample: torch.Tensor,
+        i: int,
+        generator: GeneratorLike,
+        condition_mask: Optional[torch.Tensor],
+        windows: Optional[BlockWindows] = None,
     ) -> StepPlan:
         """:meth:`plan_step` of block-wise DFM: the open window's own flow, at per-row local times."""
         c = self.config
         free = torch.ones_like(sample, dtype=torch.bool) if condition_mask is None else ~condition_mask.bool()
-        blocks = block_windows(free, c.block_length, i, self.num_inference_steps)
+        blocks = windows if windows is not None else block_windows(free, c.block_length, i, self.num_inference_steps)
         span = (blocks.last_step - blocks.first_step + 1).to(torch.float64)
         local = (i - blocks.first_step).to(torch.float64)
         t, t_next = self._spaced(local / span), self._spaced((local + 1) / span)

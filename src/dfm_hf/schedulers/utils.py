@@ -48,6 +48,8 @@ class StepPlan:
         kappa: DFM: ``kappa_t`` of the step (a (batch,) tensor with blocks).
         steps_left: confidence unmasking: steps left to commit the ranked positions (an int, or (batch,) with
             blocks).
+        commits: confidence unmasking: (batch,) long, how many of the ranked positions the step commits in each row
+            (at least: a ``confidence_threshold`` may add more).
         window: block schedulers: (batch, length) bool, the generated positions of the open block(s); None without
             blocks.
         window_index: block schedulers: (batch,) long, how many blocks of each row are open (it changes exactly when
@@ -62,6 +64,7 @@ class StepPlan:
     backward: Optional[torch.BoolTensor] = None
     kappa: Optional[Union[float, torch.Tensor]] = None
     steps_left: Optional[Union[int, torch.Tensor]] = None
+    commits: Optional[torch.LongTensor] = None
     window: Optional[torch.BoolTensor] = None
     window_index: Optional[torch.LongTensor] = None
     timesteps: Optional[torch.Tensor] = None
@@ -154,6 +157,7 @@ class BlockWindows:
     num_open: torch.LongTensor  # w_i: blocks opened so far
     first_step: torch.LongTensor  # s: the step at which the window opened
     last_step: torch.LongTensor  # d: the step by which the window must be complete
+    width: torch.LongTensor  # W: positions the window spans (its blocks times the block length)
 
 
 def block_windows(free: torch.Tensor, block_length: int, step_index: int, num_steps: int) -> BlockWindows:
@@ -174,4 +178,42 @@ def block_windows(free: torch.Tensor, block_length: int, step_index: int, num_st
     last_step = (num_open * n).div(blocks, rounding_mode="floor") - 1
     opened = free & (block < num_open.unsqueeze(1))
     window = opened & (block >= low.unsqueeze(1))
-    return BlockWindows(block, window, opened, num_open, first_step, last_step)
+    return BlockWindows(block, window, opened, num_open, first_step, last_step, (num_open - low) * block_length)
+
+
+def check_windows(windows: object, sample: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming ``windows`` unless it is None or a :class:`BlockWindows` for ``sample``'s shape."""
+    if windows is None:
+        return
+    if not isinstance(windows, BlockWindows):
+        raise ValueError(
+            f"`windows` must be None or a BlockWindows (see `block_grid_windows`), got {type(windows).__name__}."
+        )
+    if windows.window.shape != sample.shape:
+        raise ValueError(
+            f"`windows` were made for a sample of shape {tuple(windows.window.shape)}, got {tuple(sample.shape)}."
+        )
+
+
+def block_grid_windows(
+    free: torch.Tensor, steps: torch.Tensor, step_index: int, block_index: int, width: int
+) -> BlockWindows:
+    """The windows of a block-diffusion sampler, decided by the caller: one block per row, the same for every row
+    (``free`` (batch, length) bool: its positions to generate; ``length`` may be the block alone), which row ``b``
+    generates in ``steps[b]`` steps of its own (0: the row is idle).
+
+    At step ``i`` of the block (``step_index``) a row with ``i < steps[b]`` has its free positions as the window,
+    opened at step 0 and due by step ``steps[b] - 1`` (its local time is ``i / steps[b]``); a row with
+    ``i >= steps[b]`` has an empty window. ``width`` is the block length ``W`` (the positions the block spans, its
+    given ones included); ``block_index`` numbers the block (``num_open = block_index + 1``).
+    """
+    batch = free.shape[0]
+    steps = torch.as_tensor(steps, dtype=torch.long, device=free.device)
+    active = steps > step_index
+    window = free & active.unsqueeze(1)
+    index = torch.full((batch,), step_index, dtype=torch.long, device=free.device)
+    first_step = torch.where(active, torch.zeros_like(index), index)
+    last_step = torch.where(active, steps - 1, index)
+    block = torch.full_like(free, block_index, dtype=torch.long)
+    num_open = torch.full((batch,), block_index + 1, dtype=torch.long, device=free.device)
+    return BlockWindows(block, window, window, num_open, first_step, last_step, torch.full_like(index, width))
