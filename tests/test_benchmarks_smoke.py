@@ -34,12 +34,18 @@ SCRIPTS = {
     "vs_llada2.py": 2,
     "memory.py": 2,
     "fast_sampling.py": 20,
+    "block_diffusion.py": 30,
 }
 TIMEOUT_S = 600
 #: script -> (start of a result line's ``what``, how many such lines): deterministic quantities, which must PASS
 MUST_PASS = {
     "caching.py": [("nfe / steps, ", 2), ("fraction of tokens equal to skip_idle_steps=False, ", 2)],
     "logits_to_keep.py": [("fraction of tokens equal, use_logits_to_keep=True vs False", 1)],
+    "block_diffusion.py": [
+        (f"{model} K={k}: max |logit difference| of the last block read against the cache", 1)
+        for model in ("small", "random")
+        for k in (4, 8)
+    ],
 }
 #: script -> (start of an ``INFO`` line's ``what``, how many such lines): agreements, a fraction in [0, 1]
 AGREEMENTS = {"fast_sampling.py": [("small: greedy token agreement ", 3), ("random: greedy token agreement ", 3)]}
