@@ -119,8 +119,15 @@ def _run(pipe, preset: str, prompt, gen_length: int, steps: int, generators=None
         seen.append(kwargs["sample"][:, prompt.shape[1] :] != MASK)
         return {}
 
-    out = pipe(input_ids=prompt, gen_length=gen_length, num_inference_steps=steps, output_type="pt",
-               generator=generators, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["sample"])  # fmt: skip
+    out = pipe(
+        input_ids=prompt,
+        gen_length=gen_length,
+        num_inference_steps=steps,
+        output_type="pt",
+        generator=generators,
+        callback_on_step_end=record,
+        callback_on_step_end_tensor_inputs=["sample"],
+    )
     before = torch.zeros_like(seen[0])
     counts = []
     for now in seen:
@@ -153,6 +160,13 @@ def test_dream_schedule_commits_nothing_first_and_the_rest_last(dream_pipe):
     assert even == [1] * 16
 
 
+def test_dream_schedule_runs_inside_each_block(dream_pipe):
+    """With ``block_length`` each block's steps follow Dream's rule on their own grid: 4 masks in 4 steps commit
+    ``int(4 * 0.24975) = 0``, then 1, 1 and the last 2."""
+    _, counts = _run(dream_pipe, "dream-entropy", _prompt(1), 8, 8, temperature=0.0, block_length=4)
+    assert counts == [0, 1, 1, 2] * 2
+
+
 @pytest.mark.parametrize("preset", list(ALGS))
 def test_sampled_presets_give_the_references_tokens_under_matched_draws(dream_pipe, preset):
     prompt = _prompt(2, seed=1)
@@ -173,7 +187,8 @@ def test_sampled_presets_give_the_references_tokens_under_matched_draws(dream_pi
 def test_ranking_on_the_processed_distribution_changes_the_order(dream_pipe):
     """The option the presets set is the one that matters: ranking on ``p_{1|t}`` itself gives other tokens here."""
     prompt = _prompt(2)
-    ref, _ = dream_reference(dream_pipe.model, prompt, 16, 5, "maskgit_plus", top_p=0.95)
+    with torch.no_grad():
+        ref, _ = dream_reference(dream_pipe.model, prompt, 16, 5, "maskgit_plus", top_p=0.95)
     raw, _ = _run(dream_pipe, "dream-maskgit-plus", prompt, 16, 5, temperature=0.0, rank_on_processed=False)
     assert not torch.equal(raw, ref)
 

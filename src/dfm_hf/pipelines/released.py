@@ -34,6 +34,9 @@ from ..schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
 RELEASED_ALLOW_PATTERNS = MODEL_ALLOW_PATTERNS + [p for p in TOKENIZER_ALLOW_PATTERNS if p not in MODEL_ALLOW_PATTERNS]
 
 _DREAM_SAMPLING = dict(temperature=0.2, top_p=0.95)
+#: Dream's confidence samplers exactly: its commit schedule on linspace(1, eps, N + 1) and its ranking on the
+#: distribution after temperature and top-p (``alg_temp`` stays None, Dream's default).
+_DREAM_RANKING = dict(transfer_schedule="dream", transfer_eps=1e-3, rank_on_processed=True, **_DREAM_SAMPLING)
 #: family -> preset name -> (scheduler class, config overrides, what it reproduces). The first one is the default.
 RELEASED_PRESET_SPECS: dict[str, dict[str, tuple[type, dict[str, Any], str]]] = {
     "llada": {
@@ -56,24 +59,24 @@ RELEASED_PRESET_SPECS: dict[str, dict[str, tuple[type, dict[str, Any], str]]] = 
     "dream": {
         "dream-entropy": (
             ConfidenceUnmaskingScheduler,
-            dict(confidence="entropy", **_DREAM_SAMPLING),
-            "Dream's README default: alg='entropy', temperature 0.2, top_p 0.95.",
+            dict(confidence="entropy", **_DREAM_RANKING),
+            "Dream's README default: alg='entropy', temperature 0.2, top_p 0.95 (Dream's schedule and ranking).",
         ),
         "dream-margin": (
             ConfidenceUnmaskingScheduler,
-            dict(confidence="margin", **_DREAM_SAMPLING),
+            dict(confidence="margin", **_DREAM_RANKING),
             "Dream's alg='topk_margin' (top-1 minus top-2 probability), temperature 0.2, top_p 0.95.",
         ),
         "dream-maskgit-plus": (
             ConfidenceUnmaskingScheduler,
-            dict(confidence="probability", **_DREAM_SAMPLING),
+            dict(confidence="probability", **_DREAM_RANKING),
             "Dream's alg='maskgit_plus' (top probability), temperature 0.2, top_p 0.95.",
         ),
         "dream-origin": (
             DiscreteFlowScheduler,
             dict(kappa_schedule="polynomial", kappa_exponent=1.0, corrector_alpha=0.0, **_DREAM_SAMPLING),
-            "Dream's alg='origin': each masked token revealed with probability (t - s) / t, i.e. the DFM Euler "
-            "sampler with a linear kappa; temperature 0.2, top_p 0.95.",
+            "Dream's alg='origin' with eps = 0: each masked token revealed with probability (t - s) / t, i.e. the "
+            "DFM Euler sampler with a linear kappa; temperature 0.2, top_p 0.95.",
         ),
     },
 }

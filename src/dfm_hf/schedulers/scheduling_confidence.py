@@ -27,8 +27,26 @@ left in any case): ``"even"`` is the rule above, ``k = ceil(m / steps_left)`` (L
 tokens); ``"fixed"`` is ``k = min(m, ceil(W / S))`` with ``W`` the width of the window (its blocks times the block
 length, given positions included; without blocks the number of positions to generate) and ``S`` the steps the window
 gets (SDAR's block-diffusion rule: a window with fewer masks, such as a block holding the prompt's tail, finishes
-early and its remaining steps run no model). ``None`` (default) picks ``"fixed"`` when the caller passes the windows
-(:meth:`plan_step`'s ``windows``: the block grid of a block-diffusion model) and ``"even"`` otherwise.
+early and its remaining steps run no model); ``"dream"`` is Dream's rule: the ``S`` steps of the window run on
+``t_j = linspace(1, eps, S + 1)`` (float32, ``eps = transfer_eps``, 1e-3 by default) and local step ``j`` commits
+``k = floor(m * (1 - t_{j+1} / t_j))`` (computed in float32, as Dream does), the last step everything left; a step
+whose ``k`` is 0 reads no logits. With Dream's defaults and ``N`` equal to the positions to generate it commits
+0, 1, ..., 1, 2. ``None`` (default) picks ``"fixed"`` when the caller passes the windows (:meth:`plan_step`'s
+``windows``: the block grid of a block-diffusion model) and ``"even"`` otherwise.
+
+``rank_on_processed=True`` computes the confidence on the distribution the tokens are drawn from, as Dream does:
+``q = softmax(filter(logits / T))`` after temperature ``T`` (no division at temperature 0, where the token is the
+arg-max) and top-k / top-p, the mask token excluded; the three confidences above then read ``q`` instead of ``p``,
+and exact ties (``q = 1`` wherever top-p keeps a single token) are decided by ``torch.topk`` over the row, as Dream's
+selection decides them (otherwise the lowest position wins). Two differences from Dream remain: Dream's ``q`` keeps
+the mask token (a model that gives it weight may draw it, and the position stays masked), and with both top-k and
+top-p Dream filters by top-p first.
+
+``alg_temp = a > 0`` (Dream's randomised ranking) draws the ``k`` committed positions at random instead of taking
+the ``k`` most confident: one after another, without replacement, with probabilities ``softmax(c / a)`` over the
+ranked positions of the row, ``c`` the confidence on Dream's scale (the probability itself for ``"probability"``).
+It is done as a Gumbel top-k: the ``k`` largest ``c / a + G`` with ``G = -log(-log u)``, one uniform ``u`` per
+ranked position, which has exactly that distribution. ``None`` or 0: the ``k`` most confident.
 
 With ``confidence_threshold = tau`` (Fast-dLLM's parallel decoding) a step commits every ranked position whose
 confidence exceeds ``tau`` as well as the ``k`` most confident ones (so at least the most confident one, and at least
@@ -72,7 +90,7 @@ from .utils import (
 
 REMASKING = ("low_confidence", "random")
 CONFIDENCES = ("probability", "margin", "entropy")
-TRANSFER_SCHEDULES = ("even", "fixed")
+TRANSFER_SCHEDULES = ("even", "fixed", "dream")
 
 
 @dataclass
@@ -90,8 +108,11 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
     ``confidence`` (``"probability"`` | ``"margin"`` | ``"entropy"``), ``temperature`` (0 = greedy, LLaDA's default),
     ``top_k``, ``top_p``, ``sampling_dtype``, ``block_length`` (None: rank every masked position; an integer:
     semi-autoregressive blocks), ``confidence_threshold`` (None: the fixed schedule; a number: also commit every
-    position whose confidence exceeds it), ``transfer_schedule`` (``"even"`` | ``"fixed"`` | None: how many positions
-    a step commits; module docstring).
+    position whose confidence exceeds it), ``transfer_schedule`` (``"even"`` | ``"fixed"`` | ``"dream"`` | None: how
+    many positions a step commits; module docstring), ``transfer_eps`` (Dream's ``eps`` of the ``"dream"`` schedule,
+    in (0, 1)), ``rank_on_processed`` (False: confidence on ``p_{1|t}``; True: on the distribution after temperature,
+    top-k and top-p, as Dream), ``alg_temp`` (None or 0: the most confident positions; ``a > 0``: Dream's randomised
+    ranking, positions drawn with probabilities ``softmax(c / a)``).
     """
 
     order = 1
@@ -112,6 +133,9 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         confidence: str = "probability",
         confidence_threshold: Optional[float] = None,
         transfer_schedule: Optional[str] = None,
+        transfer_eps: float = 1e-3,
+        rank_on_processed: bool = False,
+        alg_temp: Optional[float] = None,
     ) -> None:
         if source_distribution != "mask":
             raise ValueError(
@@ -143,10 +167,12 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
                     "`confidence_threshold` needs `remasking`='low_confidence' (a random order has no confidence), "
                     f"got remasking={remasking!r}."
                 )
+        _validate_dream_options(transfer_eps, rank_on_processed, alg_temp, remasking, confidence_threshold)
         self.timesteps: Optional[torch.Tensor] = None
         self.num_inference_steps: Optional[int] = None
         self._times: list[float] = []
         self._step_index: Optional[int] = None
+        self._dream_grid: Optional[torch.Tensor] = None
 
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device, None] = None) -> None:
         """Uniform grid ``t_i = i / N``; step ``i`` commits ``ceil(masked / (N - i))`` tokens per row (without blocks,
@@ -156,6 +182,9 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         self.num_inference_steps = num_inference_steps
         self.timesteps = torch.tensor(self._times[:-1], dtype=torch.float32, device=device)
         self._step_index = None
+        self._dream_grid = None
+        if self.config.transfer_schedule == "dream":
+            self._dream_grid = _dream_grid(num_inference_steps, self.config.transfer_eps)
 
     def plan_step(
         self,
@@ -184,6 +213,7 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         if windows is None and self.config.block_length is None:
             width = free.sum(1)
             commits = self._commits(needs.sum(1), n - i, width, n, explicit=False)
+            needs = self._idle_rows_read_nothing(needs, commits)
             return StepPlan(i, needs, rng.row_counts(needs), steps_left=n - i, commits=commits, timesteps=t)
         blocks = windows if windows is not None else block_windows(free, self.config.block_length, i, n)
         needs = needs & blocks.window
@@ -191,12 +221,14 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         span = blocks.last_step - blocks.first_step + 1
         if windows is not None:  # the caller's blocks: each row's local time
             t = ((i - blocks.first_step) / span).to(torch.float32)
+        commits = self._commits(needs.sum(1), steps_left, blocks.width, span, explicit=windows is not None)
+        needs = self._idle_rows_read_nothing(needs, commits)
         return StepPlan(
             i,
             needs,
             rng.row_counts(needs),
             steps_left=steps_left,
-            commits=self._commits(needs.sum(1), steps_left, blocks.width, span, explicit=windows is not None),
+            commits=commits,
             window=blocks.window,
             window_index=blocks.num_open,
             timesteps=t,
@@ -210,43 +242,75 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         span: Union[int, torch.Tensor],
         explicit: bool,
     ) -> torch.Tensor:
-        """``k`` per row: ``ceil(m / steps_left)`` ("even"), or ``min(m, max(ceil(W / S), ceil(m / steps_left)))``
-        ("fixed": the second term only ever matters when a callback re-masked positions)."""
-        even = (masked + steps_left - 1) // steps_left
+        """``k`` per row: ``ceil(m / steps_left)`` ("even"), ``min(m, max(ceil(W / S), ceil(m / steps_left)))``
+        ("fixed": the second term only ever matters when a callback re-masked positions), or Dream's
+        ``floor(m * (1 - t_{j+1} / t_j))`` at local step ``j = S - steps_left`` (``m`` at the last step)."""
         schedule = self.config.transfer_schedule or ("fixed" if explicit else "even")
+        if schedule == "dream":
+            return self._dream_commits(masked, steps_left, span)
+        even = (masked + steps_left - 1) // steps_left
         if schedule == "even":
             return even
         fixed = (width + span - 1) // span
         return torch.minimum(masked, torch.maximum(fixed, even))
 
+    def _dream_commits(
+        self, masked: torch.Tensor, steps_left: Union[int, torch.Tensor], span: Union[int, torch.Tensor]
+    ) -> torch.Tensor:
+        """Dream's ``int(m * (1 - t_{j+1} / t_j))`` in float32 on ``t = linspace(1, eps, S + 1)``, ``m`` at the last
+        step; ``S`` and ``steps_left`` may differ per row (blocks)."""
+        spans = torch.as_tensor(span).expand(masked.shape).cpu()
+        local = spans - torch.as_tensor(steps_left).expand(masked.shape).cpu()
+        ratio = torch.empty(masked.shape, dtype=torch.float32)
+        for s in spans.unique().tolist():
+            grid = self._dream_grid if s == self.num_inference_steps else _dream_grid(s, self.config.transfer_eps)
+            rows = spans == s
+            j = local[rows].clamp(0, s - 1)
+            ratio[rows] = 1 - grid[j + 1] / grid[j]
+        k = (masked.to(torch.float32) * ratio.to(masked.device)).floor().to(masked.dtype)
+        last = torch.as_tensor(steps_left, device=masked.device) <= 1
+        return torch.where(last, masked, torch.minimum(k, masked))
+
+    def _idle_rows_read_nothing(self, needs: torch.Tensor, commits: torch.Tensor) -> torch.Tensor:
+        """Under Dream's schedule a row whose step commits nothing (and has no threshold to apply) reads no logits."""
+        if self.config.transfer_schedule != "dream" or self.config.confidence_threshold is not None:
+            return needs
+        return needs & (commits > 0).unsqueeze(1)
+
     def _confidence(self, rows: torch.Tensor, generator: GeneratorLike, plan: StepPlan, dtype: torch.dtype):
         """``(tokens, scores)`` for the (K, vocab) logit rows: the drawn tokens and the ranking score of each row (for
         ``"probability"`` the log-probability, which ranks like the probability)."""
         c = self.config
-        if c.temperature == 0 and c.remasking == "low_confidence" and c.confidence == "probability":
+        filtered = c.top_k is not None or (c.top_p is not None and c.top_p < 1.0)
+        processed = c.rank_on_processed and c.remasking == "low_confidence"
+        if (
+            c.temperature == 0
+            and c.remasking == "low_confidence"
+            and c.confidence == "probability"
+            and not (processed and filtered)
+        ):
             # greedy (LLaDA's default): the arg-max and its log-probability, read in float32 (no draw is made)
             return greedy_with_log_probability(rows, c.mask_token_id)
         plain = process_logits(rows, 1.0, None, None, c.mask_token_id, dtype)  # the model's log p_{1|t}
-        if c.temperature == 0:
-            tokens = plain.argmax(-1)
-        else:
-            exact = c.temperature == 1.0 and c.top_k is None and c.top_p is None
-            log_probs = (
-                plain if exact else process_logits(rows, c.temperature, c.top_k, c.top_p, c.mask_token_id, dtype)
-            )
-            tokens = draw_categorical(log_probs, plan.counts, generator)
+        # log q, the distribution the tokens are drawn from (at temperature 0: q at temperature 1, its arg-max drawn)
+        differs = filtered or c.temperature not in (0, 1.0)
+        q = plain
+        if differs and (c.temperature != 0 or processed):
+            q = process_logits(rows, c.temperature or 1.0, c.top_k, c.top_p, c.mask_token_id, dtype)
+        tokens = plain.argmax(-1) if c.temperature == 0 else draw_categorical(q, plan.counts, generator)
         if c.remasking == "random":
             return tokens, rng.rand_at(plan.positions, generator, dtype=dtype, counts=plan.counts).squeeze(-1)[
                 plan.positions
             ]
+        ranked = q if processed else plain
         if c.confidence == "probability":
-            return tokens, plain.gather(1, tokens.unsqueeze(1)).squeeze(1)
+            return tokens, ranked.gather(1, tokens.unsqueeze(1)).squeeze(1)
         if c.confidence == "margin":
-            top2 = plain.topk(min(2, plain.shape[-1]), dim=-1).values.exp()
+            top2 = ranked.topk(min(2, ranked.shape[-1]), dim=-1).values.exp()
             second = top2[:, 1] if top2.shape[-1] > 1 else torch.zeros_like(top2[:, 0])
             return tokens, top2[:, 0] - second
-        probs = plain.exp()
-        return tokens, (probs * plain.masked_fill(probs == 0, 0.0)).sum(-1)
+        probs = ranked.exp()
+        return tokens, (probs * ranked.masked_fill(probs == 0, 0.0)).sum(-1)
 
     def step(
         self,
@@ -268,17 +332,17 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         rows = rows_of(model_output, needs, c.vocab_size)
         dtype = SAMPLING_DTYPES[c.sampling_dtype]
         tokens, scores = self._confidence(rows, generator, plan, dtype)
+        if c.alg_temp and c.remasking == "low_confidence":  # Dream's randomised ranking, as a Gumbel top-k
+            value = scores.to(dtype).exp() if c.confidence == "probability" else scores.to(dtype)
+            u = rng.rand_at(needs, generator, dtype=dtype, counts=plan.counts).squeeze(-1)[needs]
+            scores = value / c.alg_temp - (-u.clamp_min(torch.finfo(dtype).tiny).log()).log()
         conf = torch.full(sample.shape, -math.inf, dtype=dtype, device=sample.device)
         conf[needs] = scores.to(dtype)
         if plan.commits is not None:
             k = plan.commits
         else:
             k = (needs.sum(1) + plan.steps_left - 1) // plan.steps_left
-        order = conf.argsort(dim=1, descending=True, stable=True)
-        ranks = torch.empty_like(order).scatter_(
-            1, order, torch.arange(sample.shape[1], device=sample.device).expand_as(order)
-        )
-        commit = needs & (ranks < k.unsqueeze(1))
+        commit = needs & self._most_confident(conf, k)
         if c.confidence_threshold is not None:
             tau = c.confidence_threshold
             if c.confidence == "probability":  # scores are log-probabilities
@@ -291,6 +355,22 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         if not return_dict:
             return (new,)
         return ConfidenceUnmaskingSchedulerOutput(prev_sample=new, pred_original_sample=drawn)
+
+    def _most_confident(self, conf: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """(batch, length) bool: the ``k[b]`` highest entries of each row of ``conf``. Exact ties go to the lowest
+        position, or, with ``rank_on_processed``, as ``torch.topk`` over the row decides them (Dream's selection:
+        ties are common there, ``q = 1`` wherever top-p keeps a single token)."""
+        arange = torch.arange(conf.shape[1], device=conf.device)
+        if self.config.rank_on_processed:
+            kmax = int(k.max()) if k.numel() else 0
+            chosen = torch.zeros(conf.shape, dtype=torch.bool, device=conf.device)
+            if kmax:
+                top = conf.topk(kmax, dim=1).indices
+                chosen.scatter_(1, top, arange[:kmax].unsqueeze(0) < k.unsqueeze(1))
+            return chosen
+        order = conf.argsort(dim=1, descending=True, stable=True)
+        ranks = torch.empty_like(order).scatter_(1, order, arange.expand_as(order))
+        return ranks < k.unsqueeze(1)
 
     def add_noise(
         self,
@@ -307,3 +387,44 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
 
     def __len__(self) -> int:
         return self.num_inference_steps or 0
+
+
+def _dream_grid(steps: int, eps: float) -> torch.Tensor:
+    """Dream's time grid ``linspace(1, eps, steps + 1)`` in float32 (on the CPU: the commit counts are read from it)."""
+    return torch.linspace(1, eps, steps + 1, dtype=torch.float32)
+
+
+def _validate_dream_options(
+    transfer_eps: object,
+    rank_on_processed: object,
+    alg_temp: object,
+    remasking: str,
+    confidence_threshold: Optional[float],
+) -> None:
+    """Raise ``ValueError`` naming the argument for a bad ``transfer_eps``, ``rank_on_processed`` or ``alg_temp``."""
+    if (
+        isinstance(transfer_eps, bool)
+        or not isinstance(transfer_eps, (int, float))
+        or not math.isfinite(transfer_eps)
+        or not 0 < transfer_eps < 1
+    ):
+        raise ValueError(f"`transfer_eps` must be a number in (0, 1) (Dream's eps), got {transfer_eps!r}.")
+    if not isinstance(rank_on_processed, bool):
+        raise ValueError(f"`rank_on_processed` must be True or False, got {rank_on_processed!r}.")
+    if alg_temp is None:
+        return
+    if (
+        isinstance(alg_temp, bool)
+        or not isinstance(alg_temp, (int, float))
+        or not math.isfinite(alg_temp)
+        or alg_temp < 0
+    ):
+        raise ValueError(f"`alg_temp` must be None or a finite number >= 0, got {alg_temp!r}.")
+    if alg_temp > 0 and remasking != "low_confidence":
+        raise ValueError(
+            f"`alg_temp` needs `remasking`='low_confidence' (it randomises the confidence ranking), got {remasking!r}."
+        )
+    if alg_temp > 0 and confidence_threshold is not None:
+        raise ValueError(
+            "`alg_temp` and `confidence_threshold` cannot be combined: pick the random or the threshold rule."
+        )
