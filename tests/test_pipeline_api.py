@@ -131,6 +131,31 @@ def test_return_dict_false_gives_the_same_cpu_tensors(base):
     assert torch.equal(sequences, out.sequences) and texts == out.texts and nfe == out.nfe
 
 
+@pytest.mark.parametrize("name", ["return_full_text", "return_dict", "skip_idle_steps", "use_logits_to_keep"])
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_boolean_arguments_must_be_booleans(base, name, value):
+    base.scheduler = SCHEDULERS["mask-corrector"](base.tokenizer, base.model.config.vocab_size)
+    with pytest.raises(TypeError, match=f"^`{name}` must be True or False, got {value!r}.$"):
+        base("a", gen_length=4, num_inference_steps=2, **{name: value})
+
+
+@pytest.mark.parametrize(
+    "returned, message",
+    [
+        (3, "`callback_on_step_end` must return a dict of callback tensors (e.g. {'sample': ...}) or None, got int."),
+        ({"sample": 1.5}, "the 'sample' returned by `callback_on_step_end` must be an integer tensor of shape (1, 5)"),
+        ({"sample": torch.zeros(1, 2, dtype=torch.long)}, "must be an integer tensor of shape (1, 5), got (1, 2)."),
+    ],
+)
+def test_a_callback_returning_something_else_than_a_dict_is_refused(base, returned, message):
+    base.scheduler = SCHEDULERS["mask-corrector"](base.tokenizer, base.model.config.vocab_size)
+    prompt = base.tokenizer("a = ")["input_ids"]
+    with pytest.raises(TypeError) as err:
+        base(input_ids=[prompt], gen_length=5 - len(prompt), num_inference_steps=2,
+             callback_on_step_end=lambda pipe, i, t, kwargs: returned)  # fmt: skip
+    assert message in str(err.value)
+
+
 def test_use_cache_is_not_an_argument(base):
     """``skip_idle_steps`` has no ``use_cache`` alias (transformers users read ``use_cache`` as a KV cache)."""
     base.scheduler = SCHEDULERS["mask-corrector"](base.tokenizer, base.model.config.vocab_size)

@@ -38,6 +38,7 @@ from typing import Any, Optional
 import torch
 
 from ..schedulers.utils import block_grid_windows
+from .callbacks import run_step_callback
 from .runner import BlockRunner
 
 
@@ -215,10 +216,7 @@ def generate_blocks(
             block = scheduler.step(logits, t, block, generator=generator, condition_mask=given, plan=plan).prev_sample
             del logits
             sample = torch.cat([sample[:, :start], block, sample[:, end:]], dim=1)
-            if callback is not None:
-                local = {"sample": sample, "condition_mask": condition}
-                out = callback(pipe, count, t, {k: local[k] for k in tensor_inputs}) or {}
-                sample = out.get("sample", sample)
+            sample = run_step_callback(callback, pipe, count, t, sample, condition, tensor_inputs)
             count += 1
         ran += (row_steps > 0).long()
         done = (row_steps > 0) & (ran == torch.tensor(layout.num_blocks))

@@ -25,6 +25,7 @@ from ..schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
 from ..schedulers.presets import default_scheduler_presets
 from ..schedulers.utils import validate_num_inference_steps
 from .block_diffusion import check_block_prompts, generate_blocks
+from .callbacks import run_step_callback
 from .kv_cache import BlockCacheState, resolve_kv_cache
 from .loading import DFMPipelineLoadingMixin
 from .lora import DFMLoraLoaderMixin
@@ -287,6 +288,11 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}.")
+        flags = {"return_dict": return_dict, "return_full_text": return_full_text}
+        flags.update(skip_idle_steps=skip_idle_steps, use_logits_to_keep=use_logits_to_keep)
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be True or False, got {value!r}.")
         validate_num_inference_steps(num_inference_steps)
         if (
             isinstance(guidance_scale, bool)
@@ -388,10 +394,7 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
                 logits, t, sample, generator=generator, condition_mask=condition, plan=plan
             ).prev_sample
             del logits  # release this step's logits now: otherwise they stay alive through the next forward pass
-            if callback_on_step_end is not None:
-                local = {"sample": sample, "condition_mask": condition}
-                out = callback_on_step_end(self, i, t, {k: local[k] for k in tensor_inputs}) or {}
-                sample = out.get("sample", sample)
+            sample = run_step_callback(callback_on_step_end, self, i, t, sample, condition, tensor_inputs)
         keep = (attention.bool() if padded else torch.ones_like(condition)) if return_full_text else generated
         return sample.cpu(), keep.cpu(), generated.cpu(), runner.nfe
 
