@@ -463,3 +463,48 @@ def test_bad_step_inputs():
     eps = DiscreteFlowScheduler(mask_token_id=MASK, vocab_size=V, prediction_type="epsilon")
     with pytest.raises(ValueError, match="prediction_type"):
         eps.set_timesteps(4)
+
+
+# --------------------------------------------------------------------------- the time grid, exactly
+
+
+@pytest.mark.parametrize("steps", [2000, 4096])
+def test_cosine_grids_run_every_step_in_order_and_land_on_one(steps: int) -> None:
+    """Neighbouring cosine times near 0 lie closer than any fixed tolerance (some are equal in float32): the step
+    counter, checked exactly against the grid, reads each of them as its own step, and the flow ends at t = 1."""
+    sched = DiscreteFlowScheduler(mask_token_id=3, vocab_size=8, time_spacing="cosine", corrector_alpha=0.0)
+    sched.set_timesteps(steps)
+    x = torch.full((2, 6), 3)
+    logits = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+    for t in sched.timesteps:
+        plan = sched.plan_step(x, t, generator=torch.Generator().manual_seed(len(seen)))
+        seen.append(plan.step_index)
+        x = sched.step(logits, t, x, plan=plan).prev_sample
+    assert seen == list(range(steps))
+    assert not (x == 3).any()  # every position jumped by t = 1
+
+
+def test_a_million_uniform_steps_and_out_of_order_times_map_exactly() -> None:
+    sched = DiscreteFlowScheduler(mask_token_id=3, vocab_size=8)
+    sched.set_timesteps(1_000_000)
+    times = sched.timesteps
+    for i in (0, 1, 2, 499_999, 500_000, 999_998, 999_999):
+        assert sched._index_for(times[i]) == i  # the float32 value of `timesteps`, out of order
+        assert sched._index_for(i / 1_000_000) == i  # the exact grid value
+        assert sched._index_for(i) == i  # an int is a step index, as in diffusers' discrete schedulers
+    with pytest.raises(ValueError, match="is not on the grid"):
+        sched._index_for(0.5 + 1e-7)
+    with pytest.raises(ValueError, match=r"step index must be in \[0, 1000000\)"):
+        sched._index_for(1_000_000)
+
+
+def test_the_accelerator_path_uses_the_counter_without_reading_the_time() -> None:
+    """A tensor on another device is not read back: the counter gives the step (a meta tensor has no value at all)."""
+    sched = ConfidenceUnmaskingScheduler(mask_token_id=3, vocab_size=8)
+    sched.set_timesteps(5)
+    meta = torch.empty((), device="meta")
+    assert sched._index_for(meta) == 0
+    sched._step_index = 3
+    assert sched._index_for(meta) == 3
+    assert sched._index_for(sched.timesteps[1]) == 1  # a CPU tensor is read: any grid time, in any order

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import importlib
 import math
 from dataclasses import dataclass
@@ -97,23 +96,56 @@ class DFMSchedulerMixin:
         names = {cls.__name__, *cls._compatibles}
         return [getattr(ours, n) for n in sorted(names) if hasattr(ours, n)]
 
-    def _index_for(self, timestep: Union[float, torch.Tensor]) -> int:
-        """Index of ``timestep`` in the grid (``ValueError`` before ``set_timesteps`` or for a time off the grid)."""
+    def _grid_lookup(self) -> dict[float, int]:
+        """``{time: first index}`` of the grid, both as stored (python floats) and rounded to float32 (the values of
+        ``self.timesteps``); built once per grid, on the first look-up that the step counter does not answer."""
+        cached = getattr(self, "_grid_lookup_cache", None)
+        if cached is not None and cached[0] is self._times:
+            return cached[1]
+        times = self._times[: self.num_inference_steps]
+        lookup: dict[float, int] = {}
+        for values in (times, torch.tensor(times, dtype=torch.float32).tolist()):
+            for i, value in enumerate(values):
+                lookup.setdefault(value, i)
+        self._grid_lookup_cache = (self._times, lookup)
+        return lookup
+
+    def _index_for(self, timestep: Union[int, float, torch.Tensor]) -> int:
+        """Index in the grid of ``timestep``, by one rule on every device and without tolerance.
+
+        An ``int`` is a step index (diffusers' discrete schedulers). A time is read as the step the counter points at
+        (the next step of the loop, 0 after ``set_timesteps``) when it equals that grid value exactly, as stored or as
+        the float32 value in ``timesteps``; otherwise as the first grid step holding exactly that value. A tensor
+        on an accelerator is not read back (no host sync): the counter's step is used and the equality is asserted on
+        the device (``torch._assert_async``), so steps there must be taken in grid order. ``ValueError`` before
+        ``set_timesteps`` or for a time off the grid.
+        """
         if not self._times:
             raise ValueError("`set_timesteps` must be called before `step`/`plan_step` (no time grid is set).")
+        n = self.num_inference_steps
+        expected = self._step_index if self._step_index is not None and self._step_index < n else 0
+        if isinstance(timestep, int) and not isinstance(timestep, bool):
+            if not 0 <= timestep < n:
+                raise ValueError(f"`timestep` as a step index must be in [0, {n}), got {timestep}.")
+            return timestep
         if isinstance(timestep, torch.Tensor):
-            if timestep.numel() != 1:
-                raise ValueError(f"`timestep` must be a scalar, got shape {tuple(timestep.shape)}.")
-            if timestep.device.type != "cpu" and self._step_index is not None:
-                return self._step_index  # avoid a host sync: steps are taken in grid order
-            timestep = float(timestep)
+            if timestep.numel() != 1 or timestep.is_complex() or timestep.dtype == torch.bool:
+                raise ValueError(f"`timestep` must be a real scalar, got {timestep.dtype} {tuple(timestep.shape)}.")
+            if timestep.device.type != "cpu":
+                grid = self.timesteps if self.timesteps is not None else torch.tensor(self._times[:n])
+                target = grid[expected].to(device=timestep.device, dtype=timestep.dtype)
+                torch._assert_async(timestep.reshape(()) == target, "`timestep` is not the next step of the grid")
+                return expected
+            timestep = timestep.item()
         if isinstance(timestep, bool) or not isinstance(timestep, (int, float)):
             raise ValueError(f"`timestep` must be a float from `scheduler.timesteps`, got {type(timestep).__name__}.")
-        n = self.num_inference_steps
-        i = bisect.bisect_left(self._times, timestep - 1e-6, 0, n)
-        if i >= n or abs(self._times[i] - timestep) > 1e-6:
+        stored = self._times[expected]
+        if timestep == stored or timestep == torch.tensor(stored, dtype=torch.float32).item():
+            return expected
+        index = self._grid_lookup().get(float(timestep))
+        if index is None:
             raise ValueError(f"`timestep` {timestep!r} is not on the grid set by `set_timesteps` (see `.timesteps`).")
-        return i
+        return index
 
     def _plan_for_step(
         self,
