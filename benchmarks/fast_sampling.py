@@ -10,6 +10,8 @@ Lines:
 
 * tokens/s of each mode vs the exact block path (targets: dual + threshold >= 5x, dual >= 2.5x) and vs
   ``LLaDA2Pipeline`` (INFO); timings alternate in the same process (``benchmarks/common.py``);
+* nfe of each cache mode vs the exact block path (target <= 1: the forward that builds the cache when a block opens
+  gives that step's logits, so a step that reads logits costs one forward, as on the exact path);
 * quality: greedy token agreement with the exact path, and with ``--judge`` the generative
   perplexity / mean unigram entropy of the generated texts from the SmolLM2 judge (``dfm_hf.evaluation.judge``, the
   judge of ``dfm-hf evaluate``);
@@ -236,6 +238,16 @@ def main() -> None:
                 ">=" if mode in TARGETS else None,
                 TARGETS.get(mode, 0.0),
             )
+        for mode in MODES:
+            if mode != "exact":  # the forward that builds the cache gives its step's logits: no extra forward
+                emit(
+                    f"{name}: nfe of {mode} vs the exact block path (one forward per step that reads logits)",
+                    str(outs[mode].nfe),
+                    str(outs["exact"].nfe),
+                    outs[mode].nfe / outs["exact"].nfe,
+                    "<=",
+                    1.0,
+                )
         if "llada2" in fns:
             theirs_tps = tokens / timing.times["llada2"]
             for mode in MODES:

@@ -158,6 +158,235 @@ def write_checkpoints(root: str, args: argparse.Namespace) -> int:
     return total
 
 
+#: Block-diffusion formats on Qwen bodies: name -> (config keys, extra per-layer tensors (suffix -> shape function of
+#: (hidden, kv width, head_dim)), the released sizes as (hidden, layers, heads, kv heads, head_dim, ffn, vocab, tied)).
+QWEN_FORMATS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, tuple]]] = {
+    "sdar": (
+        {"model_type": "sdar", "architectures": ["SDARForCausalLM"], "block_size": 4},
+        {"self_attn.q_norm.weight": lambda h, kv, d: (d,), "self_attn.k_norm.weight": lambda h, kv, d: (d,)},
+        {
+            "SDAR-4B-Chat": (2560, 36, 32, 8, 128, 9728, 151936, False),
+            "SDAR-8B-Chat": (4096, 36, 32, 8, 128, 12288, 151936, False),
+        },
+    ),
+    "fast_dllm_v2": (
+        {"model_type": "Fast_dLLM_Qwen", "architectures": ["Fast_dLLM_QwenForCausalLM"], "bd_size": 32},
+        {
+            "self_attn.q_proj.bias": lambda h, kv, d: (h,),
+            "self_attn.k_proj.bias": lambda h, kv, d: (kv,),
+            "self_attn.v_proj.bias": lambda h, kv, d: (kv,),
+        },
+        {
+            "Fast_dLLM_v2_1.5B": (1536, 28, 12, 2, 128, 8960, 151936, True),
+            "Fast_dLLM_v2_7B": (3584, 28, 28, 4, 128, 18944, 152064, False),
+        },
+    ),
+}
+
+
+def qwen_parameters(
+    hidden: int, layers: int, heads: int, kv: int, head_dim: int, ffn: int, vocab: int, tied: bool
+) -> int:
+    """Parameters of a Qwen2/Qwen3-shaped model (norms and biases included approximately: they are < 0.1%)."""
+    attention = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2
+    return layers * (attention + 3 * hidden * ffn + 2 * hidden) + vocab * hidden * (1 if tied else 2) + hidden
+
+
+def write_qwen_format(folder: str, fmt: str, args: argparse.Namespace) -> int:
+    """A scaled-down checkpoint of ``fmt`` (:data:`QWEN_FORMATS`: its names and config keys, random bf16 weights, the
+    size flags, untied); returns its bytes."""
+    from safetensors.torch import save_file
+
+    keys, extra, _ = QWEN_FORMATS[fmt]
+    shapes = llama_shapes(args.hidden, args.layers, args.heads, args.ffn, args.vocab)
+    head_dim = args.hidden // args.heads
+    for i in range(args.layers):
+        shapes.update({f"model.layers.{i}.{n}": f(args.hidden, args.hidden, head_dim) for n, f in extra.items()})
+    gen = torch.Generator().manual_seed(args.seed)
+    tensors = {n: (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16) for n, shape in shapes.items()}
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        **keys,
+        "hidden_size": args.hidden,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.heads,
+        "intermediate_size": args.ffn,
+        "vocab_size": args.vocab,
+        "max_position_embeddings": 4096,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "mask_token_id": args.vocab - 1,
+        "eos_token_id": args.vocab - 2,
+    }
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+#: BD3-LM / MDLM (DiT body, ``backbone.*`` names): name -> (config keys, the released sizes as (hidden, layers,
+#: cond_dim, vocab)).
+DIT_FORMATS: dict[str, tuple[dict[str, Any], dict[str, tuple[int, int, int, int]]]] = {
+    "bd3lm": (
+        {"model_type": "bd3lm", "architectures": ["BD3LM"], "block_size": 16, "cross_attn": True, "adaln": True},
+        {"bd3lm-owt-block_size16": (768, 12, 128, 50258)},
+    ),
+    "mdlm": ({"model_type": "mdlm", "architectures": ["MDLM"]}, {"mdlm-owt": (768, 12, 128, 50258)}),
+}
+
+
+def dit_shapes(hidden: int, layers: int, cond: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    """Tensor name (BD3-LM / MDLM names) -> shape."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "backbone.vocab_embed.embedding": (vocab, hidden),
+        "backbone.sigma_map.mlp.0.weight": (cond, 256),
+        "backbone.sigma_map.mlp.0.bias": (cond,),
+        "backbone.sigma_map.mlp.2.weight": (cond, cond),
+        "backbone.sigma_map.mlp.2.bias": (cond,),
+        "backbone.output_layer.norm_final.weight": (hidden,),
+        "backbone.output_layer.adaLN_modulation.weight": (2 * hidden, cond),
+        "backbone.output_layer.adaLN_modulation.bias": (2 * hidden,),
+        "backbone.output_layer.linear.weight": (vocab, hidden),
+        "backbone.output_layer.linear.bias": (vocab,),
+    }
+    for i in range(layers):
+        p = f"backbone.blocks.{i}."
+        shapes.update(
+            {
+                p + "norm1.weight": (hidden,),
+                p + "attn_qkv.weight": (3 * hidden, hidden),
+                p + "attn_out.weight": (hidden, hidden),
+                p + "norm2.weight": (hidden,),
+                p + "mlp.0.weight": (4 * hidden, hidden),
+                p + "mlp.0.bias": (4 * hidden,),
+                p + "mlp.2.weight": (hidden, 4 * hidden),
+                p + "mlp.2.bias": (hidden,),
+                p + "adaLN_modulation.weight": (6 * hidden, cond),
+                p + "adaLN_modulation.bias": (6 * hidden,),
+            }
+        )
+    return shapes
+
+
+def write_dit_format(folder: str, fmt: str, args: argparse.Namespace) -> int:
+    """A scaled-down checkpoint of ``fmt`` (:data:`DIT_FORMATS`: names and config keys, random bf16 weights, cond_dim
+    128, the size flags); returns its bytes."""
+    from safetensors.torch import save_file
+
+    shapes = dit_shapes(args.hidden, args.layers, 128, args.vocab)
+    gen = torch.Generator().manual_seed(args.seed)
+    tensors = {n: (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16) for n, shape in shapes.items()}
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        **DIT_FORMATS[fmt][0],
+        "hidden_dim": args.hidden,
+        "n_blocks": args.layers,
+        "n_heads": args.heads,
+        "cond_dim": 128,
+        "vocab_size": args.vocab,
+        "model_length": 1024,
+        "dropout": 0.1,
+        "time_conditioning": False,
+    }
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+#: LLaDA2.x (sparse MoE, fused ``query_key_value``): released sizes as (hidden, layers, heads, kv heads, head_dim,
+#: dense ffn, expert ffn, experts, vocab); one shared expert, the first layer dense, untied head.
+LLADA2_RELEASED = {
+    "LLaDA2.0-mini": (2048, 20, 16, 4, 128, 5120, 512, 256, 157184),
+    "LLaDA2.0-flash": (4096, 32, 32, 4, 128, 9216, 1024, 256, 157184),
+}
+
+
+def llada2_shapes(
+    hidden: int, layers: int, heads: int, kv: int, head_dim: int, ffn: int, moe_ffn: int, experts: int, vocab: int
+) -> dict[str, tuple[int, ...]]:
+    """Tensor name (LLaDA2 names) -> shape."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.word_embeddings.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
+    }
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+                p + "attention.query_key_value.weight": ((heads + 2 * kv) * head_dim, hidden),
+                p + "attention.dense.weight": (hidden, heads * head_dim),
+                p + "attention.query_layernorm.weight": (head_dim,),
+                p + "attention.key_layernorm.weight": (head_dim,),
+            }
+        )
+        mlps = {"mlp.": ffn}
+        if i >= 1:
+            shapes.update({p + "mlp.gate.weight": (experts, hidden), p + "mlp.gate.expert_bias": (experts,)})
+            mlps = {**{f"mlp.experts.{e}.": moe_ffn for e in range(experts)}, "mlp.shared_experts.": moe_ffn}
+        for name, width in mlps.items():
+            shapes.update(
+                {
+                    p + name + "gate_proj.weight": (width, hidden),
+                    p + name + "up_proj.weight": (width, hidden),
+                    p + name + "down_proj.weight": (hidden, width),
+                }
+            )
+    return shapes
+
+
+def write_llada2_format(folder: str, args: argparse.Namespace) -> int:
+    """A scaled-down LLaDA2 checkpoint (its names and config keys, random bf16 weights, the size flags; 16 experts of
+    width ``ffn / 4``, top 4); returns its bytes."""
+    from safetensors.torch import save_file
+
+    head_dim = args.hidden // args.heads
+    dims = (args.hidden, args.layers, args.heads, args.heads, head_dim, args.ffn, args.ffn // 4, 16, args.vocab)
+    shapes = llada2_shapes(*dims)
+    gen = torch.Generator().manual_seed(args.seed)
+    tensors = {n: (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16) for n, shape in shapes.items()}
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "model_type": "llada2_moe",
+        "architectures": ["LLaDA2MoeModelLM"],
+        "hidden_size": args.hidden,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.heads,
+        "head_dim": head_dim,
+        "intermediate_size": args.ffn,
+        "moe_intermediate_size": args.ffn // 4,
+        "num_experts": 16,
+        "num_experts_per_tok": 4,
+        "num_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "n_group": 4,
+        "topk_group": 2,
+        "routed_scaling_factor": 2.5,
+        "vocab_size": args.vocab,
+        "max_position_embeddings": 4096,
+        "rope_theta": 600000.0,
+        "partial_rotary_factor": 0.5,
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "use_bias": False,
+        "use_qkv_bias": False,
+        "tie_word_embeddings": False,
+        "mask_token_id": args.vocab - 1,
+        "eos_token_id": args.vocab - 2,
+    }
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def probe(args: argparse.Namespace) -> None:
     """Child: warm-up load of the tiny checkpoint, then the measured load (``--probe ours|ours-fp32|transformers``)."""
     from transformers import LlamaForCausalLM
@@ -166,8 +395,8 @@ def probe(args: argparse.Namespace) -> None:
 
     dtype = torch.float32 if args.probe == "ours-fp32" else torch.bfloat16
     if args.probe.startswith("ours"):
-        DFMForMaskedGeneration.from_pretrained(os.path.join(args.tiny, "llada"), dtype=dtype)
-        folder = os.path.join(args.root, "llada")
+        DFMForMaskedGeneration.from_pretrained(os.path.join(args.tiny, args.format), dtype=dtype)
+        folder = os.path.join(args.root, args.format)
 
         def load() -> Any:
             return DFMForMaskedGeneration.from_pretrained(folder, dtype=dtype)
@@ -243,6 +472,7 @@ def main() -> None:
     parser.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 GGUF conversion")
     parser.add_argument("--probe", choices=("ours", "ours-fp32", "transformers"), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
+    parser.add_argument("--format", default="llada", help=argparse.SUPPRESS)
     parser.add_argument("--tiny", help=argparse.SUPPRESS)
     args = parser.parse_args()
     setup(args)
@@ -296,6 +526,51 @@ def main() -> None:
             fmt_s(ours["seconds"]),
             fmt_s(theirs["seconds"]),
             ours["seconds"] / theirs["seconds"],
+        )
+        for fmt, (_, _, released) in QWEN_FORMATS.items():
+            fmt_size = write_qwen_format(os.path.join(root, "big", fmt), fmt, args)
+            write_qwen_format(os.path.join(root, "tiny", fmt), fmt, tiny)
+            got = run_probe(__file__, "ours", common + sizes + ["--format", fmt])
+            real = ", ".join(f"{n} {fmt_mib(2 * qwen_parameters(*dims))}" for n, dims in released.items())
+            emit(
+                f"peak extra RSS loading a {fmt_mib(fmt_size)} bf16 {fmt}-format checkpoint (bf16) vs its size; the "
+                f"released bf16 weights: {real}",
+                fmt_mib(got["extra"]),
+                fmt_mib(fmt_size),
+                got["extra"] / fmt_size,
+                "<=",
+                1.25,
+            )
+        for fmt, (_, released) in DIT_FORMATS.items():
+            fmt_size = write_dit_format(os.path.join(root, "big", fmt), fmt, args)
+            write_dit_format(os.path.join(root, "tiny", fmt), fmt, tiny)
+            got = run_probe(__file__, "ours", common + sizes + ["--format", fmt])
+            real = ", ".join(
+                f"{n} {fmt_mib(2 * sum(map(math.prod, dit_shapes(*d).values())))}" for n, d in released.items()
+            )
+            emit(
+                f"peak extra RSS loading a {fmt_mib(fmt_size)} bf16 {fmt}-format checkpoint (bf16) vs its size; the "
+                f"released weights in bf16: {real} (stored in float32: twice that)",
+                fmt_mib(got["extra"]),
+                fmt_mib(fmt_size),
+                got["extra"] / fmt_size,
+                "<=",
+                1.25,
+            )
+        fmt_size = write_llada2_format(os.path.join(root, "big", "llada2"), args)
+        write_llada2_format(os.path.join(root, "tiny", "llada2"), tiny)
+        got = run_probe(__file__, "ours", common + sizes + ["--format", "llada2"])
+        real = ", ".join(
+            f"{n} {fmt_mib(2 * sum(map(math.prod, llada2_shapes(*d).values())))}" for n, d in LLADA2_RELEASED.items()
+        )
+        emit(
+            f"peak extra RSS loading a {fmt_mib(fmt_size)} bf16 llada2-format checkpoint (bf16) vs its size; the "
+            f"released bf16 weights: {real}",
+            fmt_mib(got["extra"]),
+            fmt_mib(fmt_size),
+            got["extra"] / fmt_size,
+            "<=",
+            1.25,
         )
     finally:
         shutil.rmtree(root, ignore_errors=True)

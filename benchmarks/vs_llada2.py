@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--gen-length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=64, help="total steps (theirs: steps / blocks per block)")
     parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=1, help="rows: distinct random prompts of equal length")
     args = parser.parse_args()
     setup(args)
     if args.quick:
@@ -123,12 +124,18 @@ def main() -> None:
     adapter = LLaDA2Adapter(pipe.model)
     theirs_pipe = LLaDA2Pipeline(model=adapter, scheduler=BlockRefinementScheduler(block_length=args.block_length))
     theirs_pipe.set_progress_bar_config(disable=True)
-    prompt = torch.randint(1, args.vocab - 1, (1, args.prompt_length), generator=generator("cpu", args.seed))
+    prompt = torch.randint(1, args.vocab - 1, (args.batch, args.prompt_length), generator=generator("cpu", args.seed))
 
     print_header(
         "tokens/s: DFMPipeline vs diffusers LLaDA2Pipeline, same DFMForMaskedGeneration weights",
         args.device,
-        {**model_cfg, "prompt": args.prompt_length, "gen_length": args.gen_length, "rounds": rounds},
+        {
+            **model_cfg,
+            "batch": args.batch,
+            "prompt": args.prompt_length,
+            "gen_length": args.gen_length,
+            "rounds": rounds,
+        },
     )
     print(
         f"# theirs: LLaDA2Pipeline, BlockRefinementScheduler(block_length={args.block_length}) defaults, "
@@ -171,14 +178,14 @@ def main() -> None:
     fns: dict[str, Any] = {name: (lambda name=name: ours(name)) for name in presets}
     fns["llada2"] = theirs
     timing = time_alternating(fns, args.device, rounds, reference="llada2")
-    tokens = args.gen_length  # batch 1
+    tokens = args.gen_length * args.batch
     theirs_tps = tokens / timing.times["llada2"]
     theirs_seq = outs["llada2"].sequences
     if bool((theirs_seq == mask_id).any()):
         raise SystemExit("LLaDA2Pipeline left mask tokens: the comparison would not be like for like")
     for name in presets:
         seq = outs[name].sequences
-        assert seq.shape == (1, args.gen_length) and not bool((seq == mask_id).any())
+        assert seq.shape == (args.batch, args.gen_length) and not bool((seq == mask_id).any())
         ours_tps = tokens / timing.times[name]
         emit(
             f"tokens/s ours ({name}, nfe {outs[name].nfe}) vs LLaDA2Pipeline (model calls {outs['llada2_calls']}), "

@@ -314,3 +314,14 @@ def padded_batch(seed: int = 0, vocab: int = LLADA_MASK, lengths: tuple[int, ...
         attention[row, :n] = 1
         ids[row, n:] = 0
     return ids, attention
+
+
+def block_causal_mask(
+    attention_mask: torch.Tensor, block_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The additive 4-D block-causal mask (batch, 1, len, len): query ``i`` sees real key ``j`` when
+    ``pos_j // block_size <= pos_i // block_size``, positions counted over each row's real tokens (blocks from 0)."""
+    positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    blocks = positions.div(block_size, rounding_mode="floor")
+    keep = (blocks[:, None, :] <= blocks[:, :, None]) & attention_mask.bool()[:, None, :]
+    return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)[:, None]

@@ -35,6 +35,7 @@ SCRIPTS = {
     "memory.py": 2,
     "fast_sampling.py": 20,
     "block_diffusion.py": 30,
+    "quantized_loading.py": 8,
 }
 TIMEOUT_S = 600
 #: script -> (start of a result line's ``what``, how many such lines): deterministic quantities, which must PASS

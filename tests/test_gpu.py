@@ -99,3 +99,47 @@ def test_training_chooses_the_gpu():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split()[-1] == "cuda"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bitsandbytes_quantized_loading_on_cuda(bits, tmp_path):
+    """A LLaDA-format checkpoint converted and quantized on load by bitsandbytes, and our saved format loaded the same
+    way: the blocks' linear layers are bitsandbytes' 4/8-bit layers on the GPU, the model is smaller than in bf16,
+    its logits stay close to the bf16 model's and the pipeline generates."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    from dfm_hf import DFMForMaskedGeneration, DFMPipeline
+
+    try:
+        from . import conversion_helpers as ch
+    except ImportError:
+        import conversion_helpers as ch
+
+    folder = str(tmp_path / "llada")
+    ch.write_checkpoint(folder, ch.llada_tensors(ch.llama_source()), ch.llada_config())
+    ch.save_tokenizer(ch.llada_tokenizer(), folder, drop_mask=True)
+    config = BitsAndBytesConfig(**{f"load_in_{bits}bit": True}, bnb_4bit_compute_dtype=torch.bfloat16)
+    layer = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
+
+    def quantized_linears(model: torch.nn.Module) -> list[torch.nn.Module]:
+        linears = [m for n, m in model.named_modules() if ".layers." in n and isinstance(m, torch.nn.Linear)]
+        assert len(linears) == 7 * model.config.num_hidden_layers
+        assert all(isinstance(m, layer) for m in linears)
+        return linears
+
+    ref = DFMForMaskedGeneration.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda")
+    model = DFMForMaskedGeneration.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=config)
+    quantized_linears(model)
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    assert model.get_memory_footprint() < ref.get_memory_footprint()
+    ids = torch.randint(3, 380, (2, 12), generator=gen(0)).cuda()
+    with torch.no_grad():
+        ref_logits, logits = ref(ids).logits.float(), model(ids).logits.float()
+    assert (logits - ref_logits).abs().max() <= 0.3 * ref_logits.abs().max()
+    pipe = DFMPipeline.from_pretrained(folder, quantization_config=config)
+    quantized_linears(pipe.model)
+    out = pipe(input_ids=[[5, 6, 7, 8]], gen_length=8, num_inference_steps=8, output_type="pt")
+    assert not (out.sequences == ch.LLADA_MASK).any()
+    ref.save_pretrained(tmp_path / "ours")
+    quantized_linears(DFMForMaskedGeneration.from_pretrained(tmp_path / "ours", quantization_config=config))

@@ -38,6 +38,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("dfm_hf.models", "dfm_hf.models.configuration_dfm"),
     ("dfm_hf.conversion",),
     ("dfm_hf.models.*",),  # the modeling modules: they look the conversion up when loading a foreign checkpoint
+    ("dfm_hf.generation",),  # generate(), its config and streamers: the model's mixin, run on the low-level modules
+    ("dfm_hf.models.modeling_dfm",),
     ("dfm_hf.pipelines",),
     ("dfm_hf.training",),
     ("dfm_hf.evaluation",),

@@ -68,17 +68,21 @@ def test_partial_forward_against_a_fresh_cache_equals_the_full_forward(mode, shi
         x = sample.clone()
         for t in sched.timesteps:
             plan = sched.plan_step(x, t, condition_mask=condition)
-            state = BlockCacheState(mode, 1)
+            state = BlockCacheState(mode, None)
             exact = runner.logits(x, plan)
-            cached = runner.cached_logits(x, plan, state)
-            assert cached.shape == exact.shape
-            assert torch.allclose(cached, exact, atol=1e-5, rtol=0), (cached - exact).abs().max()
+            refreshed = runner.cached_logits(x, plan, state)  # the full forward that builds the cache
+            assert state.refreshes == 1
+            cached = runner.cached_logits(x, plan, state)  # the partial forward against it
+            assert state.refreshes == 1
+            for logits in (refreshed, cached):
+                assert logits.shape == exact.shape
+                assert torch.allclose(logits, exact, atol=1e-5, rtol=0), (logits - exact).abs().max()
             x = sched.step(exact, t, x, condition_mask=condition, plan=plan).prev_sample
 
 
 @pytest.mark.parametrize("kind", ["confidence", "flow"])
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
-def test_refresh_every_step_gives_the_exact_tokens_and_a_stale_cache_one_refresh_per_block(kind, mode):
+def test_refresh_every_step_gives_the_exact_tokens_and_a_stale_cache_one_forward_per_step(kind, mode):
     pipe = _pipe()
     pipe.scheduler = _blocks(pipe, kind)
     kw = dict(gen_length=12, num_inference_steps=12, output_type="pt")
@@ -89,8 +93,8 @@ def test_refresh_every_step_gives_the_exact_tokens_and_a_stale_cache_one_refresh
     assert torch.equal(fresh.sequences, exact.sequences)
     stale = pipe(PROMPTS, generator=gens(), kv_cache=mode, **kw)
     assert not (stale.sequences == pipe.tokenizer.mask_token_id).any()
-    # one refresh per block (3 blocks of 4) on top of one partial forward per step that reads logits
-    assert stale.nfe == 3 + exact.nfe
+    # one forward per step that reads logits: the refresh when a block opens gives that step's logits
+    assert fresh.nfe == exact.nfe and stale.nfe == exact.nfe
     solo = pipe(PROMPTS[1], generator=gens()[1:2], kv_cache=mode, **kw)  # per-row generators: batch-invariant
     assert torch.equal(solo.sequences[0], stale.sequences[1, : solo.sequences.shape[1]])
 
@@ -122,6 +126,30 @@ def test_a_stale_cache_refreshes_exactly_when_a_block_opens_and_its_logits_drift
     assert refreshed == opened and state.refreshes == 3  # 3 blocks of 4: one refresh each, when it opens
     assert max(d for d, o in zip(drift, opened) if o) < 1e-5  # a cache of the current tokens: exact
     assert max(d for d, o in zip(drift, opened) if not o) > 1e-3  # a stale cache: the approximation shows
+
+
+@pytest.mark.parametrize("shift", [False, True], ids=["plain", "shifted"])
+def test_dual_cache_runs_one_forward_per_step_that_reads_logits(shift):
+    """The forward that builds the cache when a block opens gives that step's logits: no extra forward per block.
+    Every step that reads logits commits at least one position, so those steps are counted from the masks left."""
+    pipe = _pipe(shift)
+    pipe.scheduler = _blocks(pipe, "confidence")
+    mask = pipe.tokenizer.mask_token_id
+    kw = dict(gen_length=12, num_inference_steps=24, output_type="pt", guidance_scale=1.5)
+    exact = pipe(PROMPTS, **kw)
+    for refresh in (None, 2, 1):
+        left = []
+
+        def count(p, i, t, callback_kwargs, left=left):
+            left.append(int((callback_kwargs["sample"] == mask).sum()))
+            return {}
+
+        out = pipe(PROMPTS, kv_cache="dual", kv_cache_refresh_steps=refresh, callback_on_step_end=count,
+                   callback_on_step_end_tensor_inputs=["sample"], **kw)  # fmt: skip
+        reading = sum(a > b for a, b in zip([12 * len(PROMPTS)] + left, left))
+        assert out.nfe == reading == exact.nfe == 12  # 24 steps, each block of 4 done in 4 of its 8
+        if refresh == 1:
+            assert torch.equal(out.sequences, exact.sequences)
 
 
 def test_shifted_model_with_guidance_and_padding():

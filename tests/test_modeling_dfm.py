@@ -37,11 +37,13 @@ MODELS = os.path.join(os.path.dirname(__file__), os.pardir, "src", "dfm_hf", "mo
 MODEL_FILES = (
     "cache.py",
     "configuration_dfm.py",
+    "dit.py",
     "layers.py",
     "loading.py",
     "losses.py",
     "masking.py",
     "modeling_dfm.py",
+    "moe.py",
     "rotary.py",
     "validation.py",
 )

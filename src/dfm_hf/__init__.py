@@ -25,6 +25,8 @@ _EXPORTS = {
     "DFMModel": ".models",
     "DFMPreTrainedModel": ".models",
     "register_auto_classes": ".models",
+    # generation
+    "DFMGenerationConfig": ".generation",
     # pipelines
     "DFMPipeline": ".pipelines",
     "DFMPipelineOutput": ".pipelines",
@@ -33,6 +35,7 @@ _EXPORTS = {
     "ConfidenceUnmaskingSchedulerOutput": ".schedulers",
     "DiscreteFlowScheduler": ".schedulers",
     "DiscreteFlowSchedulerOutput": ".schedulers",
+    "DiscreteSchedulerOutput": ".schedulers",
     # training
     "DFMDataCollator": ".training",
     "dfm_loss": ".training",
@@ -49,6 +52,7 @@ _EXPORTS.update(
             "conversion",
             "data",
             "evaluation",
+            "generation",
             "hub",
             "models",
             "paths",

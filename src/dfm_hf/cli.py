@@ -2,6 +2,7 @@
 
     dfm-hf generate "def fibonacci(n):"
     dfm-hf generate --infill "def add(a, b):\n    return <|fill|>\n"
+    dfm-hf generate --stream "def fibonacci(n):"         (draws the canvas denoising live on stderr)
     dfm-hf train --stdlib --output_dir runs/dfm ...      (the flags of examples/train_dfm.py)
     dfm-hf evaluate --model runs/dfm ...                 (the flags of examples/evaluate.py)
     dfm-hf lm-eval --model_args pretrained=runs/dfm --tasks stdlib_next_line   (lm-eval's flags; extra `eval`)
@@ -40,6 +41,9 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--stream", action="store_true", help="draw the canvas live on stderr while it denoises (masks shown as ░)"
+    )
     return p
 
 
@@ -75,7 +79,12 @@ def generate(argv: Optional[list[str]] = None) -> int:
             raise ValueError(f"`--infill` needs a {FILL_MARKER} marker or the mask token in the prompt.")
         gen_length = 0 if gen_length is None else gen_length
     gen_length = 64 if gen_length is None else gen_length
-    pipe.set_progress_bar_config(file=sys.stderr, leave=False)
+    pipe.set_progress_bar_config(file=sys.stderr, leave=False, disable=args.stream)
+    streamer = None
+    if args.stream:
+        from .generation.streamers import TerminalStreamer
+
+        streamer = TerminalStreamer(pipe.tokenizer, mask_token_id=pipe.mask_token_id)
     out = pipe(
         prompt or None,
         gen_length=gen_length,
@@ -84,6 +93,7 @@ def generate(argv: Optional[list[str]] = None) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         generator=torch.Generator().manual_seed(args.seed),
+        streamer=streamer,
     )
     sys.stdout.write("\n\n".join(out.texts) + "\n")
     return 0

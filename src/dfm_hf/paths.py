@@ -40,20 +40,23 @@ class KappaSchedule:
     """A scheduler ``kappa: [0, 1] -> [0, 1]`` with ``kappa(0) = 0``, ``kappa(1) = 1``, increasing.
 
     Subclass it and implement :meth:`kappa` and :meth:`d_kappa` (the time derivative) to supply your own schedule;
-    both must accept floats or tensors and work element-wise on tensors.
+    both must accept floats or tensors, work element-wise on tensors and compute in ``dtype`` (float64 unless a
+    caller asks for another: a sampler's ``sampling_dtype``).
     """
 
-    def kappa(self, t: TimeLike) -> torch.Tensor:
-        """``kappa_t``."""
+    def kappa(self, t: TimeLike, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``kappa_t``, computed in ``dtype``."""
         raise NotImplementedError
 
-    def d_kappa(self, t: TimeLike) -> torch.Tensor:
-        """``d kappa_t / dt``."""
+    def d_kappa(self, t: TimeLike, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``d kappa_t / dt``, computed in ``dtype``."""
         raise NotImplementedError
 
-    def rate(self, t: TimeLike) -> torch.Tensor:
+    def rate(self, t: TimeLike, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The forward jump rate ``kappa'_t / (1 - kappa_t)`` of the mixture path (infinite at ``kappa_t = 1``)."""
-        return self.d_kappa(t) / (1.0 - self.kappa(t))
+        if dtype == torch.float64:  # schedules written without the ``dtype`` argument still give their rate
+            return self.d_kappa(t) / (1.0 - self.kappa(t))
+        return self.d_kappa(t, dtype=dtype) / (1.0 - self.kappa(t, dtype=dtype))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -69,11 +72,11 @@ class PolynomialKappa(KappaSchedule):
             raise ValueError(f"`kappa_exponent` must be > 0, got {exponent!r}.")
         self.exponent = float(exponent)
 
-    def kappa(self, t: TimeLike) -> torch.Tensor:
-        return _as_tensor(t).clamp(0.0, 1.0) ** self.exponent
+    def kappa(self, t: TimeLike, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return _as_tensor(t, dtype).clamp(0.0, 1.0) ** self.exponent
 
-    def d_kappa(self, t: TimeLike) -> torch.Tensor:
-        t = _as_tensor(t).clamp(0.0, 1.0)
+    def d_kappa(self, t: TimeLike, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        t = _as_tensor(t, dtype).clamp(0.0, 1.0)
         if self.exponent == 1.0:
             return torch.ones_like(t)
         return self.exponent * t ** (self.exponent - 1.0)
@@ -85,11 +88,11 @@ class PolynomialKappa(KappaSchedule):
 class CosineKappa(KappaSchedule):
     """``kappa_t = 1 - cos^2(pi t / 2)``; ``kappa'_t = (pi / 2) * sin(pi t)``."""
 
-    def kappa(self, t: TimeLike) -> torch.Tensor:
-        return 1.0 - torch.cos(0.5 * math.pi * _as_tensor(t).clamp(0.0, 1.0)) ** 2
+    def kappa(self, t: TimeLike, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return 1.0 - torch.cos(0.5 * math.pi * _as_tensor(t, dtype).clamp(0.0, 1.0)) ** 2
 
-    def d_kappa(self, t: TimeLike) -> torch.Tensor:
-        return 0.5 * math.pi * torch.sin(math.pi * _as_tensor(t).clamp(0.0, 1.0))
+    def d_kappa(self, t: TimeLike, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return 0.5 * math.pi * torch.sin(math.pi * _as_tensor(t, dtype).clamp(0.0, 1.0))
 
 
 def get_kappa_schedule(name: str, exponent: float = 1.0) -> KappaSchedule:
@@ -155,8 +158,8 @@ def sample_source(
     return sample_uniform_tokens(tuple(x1.shape), vocab_size, mask_token_id, generator, x1.device).to(x1.dtype)
 
 
-def _broadcast_time(t: TimeLike, like: torch.Tensor) -> torch.Tensor:
-    t = _as_tensor(t).to(like.device)
+def _broadcast_time(t: TimeLike, like: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    t = _as_tensor(t, dtype).to(like.device)
     if t.dim() == 0:
         return t
     if t.dim() != 1 or t.shape[0] != like.shape[0]:
@@ -171,16 +174,19 @@ def sample_path(
     schedule: KappaSchedule,
     generator: Optional[torch.Generator] = None,
     condition_mask: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """Draw ``x_t ~ p_t(. | x0, x1)``: ``where(u < kappa_t, x1, x0)`` with ``u ~ U[0, 1)`` per token.
 
-    ``t`` is a scalar or one time per row; ``u`` is drawn on ``generator``'s device. With a boolean
-    ``condition_mask`` (C-coupling), the positions where it is True hold ``x1`` at every ``t``.
+    ``t`` is a scalar or one time per row; ``u`` is drawn on ``generator``'s device. ``kappa_t`` and ``u`` are
+    computed in ``dtype`` (float32 where the device has no float64). With a boolean ``condition_mask`` (C-coupling),
+    the positions where it is True hold ``x1`` at every ``t``.
     """
     if x0.shape != x1.shape:
         raise ValueError(f"`noise` must have the shape of `original_samples` {tuple(x1.shape)}, got {tuple(x0.shape)}.")
-    kappa = schedule.kappa(_broadcast_time(t, x1))
-    u = rng.rand(x1.shape, generator, x1.device, torch.float64)
+    time = _broadcast_time(t, x1, dtype)
+    kappa = schedule.kappa(time) if dtype == torch.float64 else schedule.kappa(time, dtype=dtype)
+    u = rng.rand(x1.shape, generator, x1.device, dtype)
     keep = u < kappa
     if condition_mask is not None:
         keep = keep | condition_mask.to(torch.bool)

@@ -3,9 +3,10 @@
 Two sources:
 
 - **Released masked-diffusion LMs** (:func:`load_released_model`, what ``DFMForMaskedGeneration.from_pretrained``
-  runs when ``config.json`` is not ours): LLaDA (:mod:`.llada`) and Dream / DiffuCoder (:mod:`.dream`), read by the
-  strict loader (:mod:`.loader`, :mod:`.checkpoint`). Config and weights are converted on load; ``save_pretrained``
-  then writes our own format.
+  runs when ``config.json`` is not ours): LLaDA (:mod:`.llada`), Dream / DiffuCoder (:mod:`.dream`), and the
+  block-diffusion families SDAR (:mod:`.sdar`), Fast-dLLM v2 (:mod:`.fast_dllm_v2`), LLaDA2.x (:mod:`.llada2`) and
+  BD3-LM / MDLM (:mod:`.bd3lm`), read by the strict loader (:mod:`.loader`, :mod:`.checkpoint`). Config and weights
+  are converted on load; ``save_pretrained`` then writes our own format.
 - **Causal LMs** of the Llama, Mistral and Qwen2 families (:func:`causal_lm_to_dfm`, what
   ``DFMForMaskedGeneration.from_causal_lm`` runs; :mod:`.causal_lm`).
 
@@ -30,8 +31,14 @@ _EXPORTS = {
     "llada_config_to_dfm": ".llada",
     "llada_to_dfm_name": ".llada",
     "dream_config_to_dfm": ".dream",
+    "sdar_config_to_dfm": ".sdar",
+    "fast_dllm_v2_config_to_dfm": ".fast_dllm_v2",
+    "llada2_config_to_dfm": ".llada2",
+    "bd3lm_config_to_dfm": ".bd3lm",
     "expected_tensor_names": ".loader",
     "load_released_model": ".loader",
+    "quantize_model": ".loader",
+    "pop_model_quantization": ".quantization",
     "released_dfm_config": ".loader",
     "TOKENIZER_ALLOW_PATTERNS": ".causal_lm",
     "causal_lm_config_to_dfm": ".causal_lm",

@@ -24,7 +24,8 @@ from .families import (
     _refuse,
     _rope_settings,
 )
-from .loader import build_empty_model, finish_model, model_tensors, set_tensor
+from .loader import build_empty_model, finish_model, model_tensors, quantize_model, set_tensor
+from .quantization import pop_model_quantization
 
 #: Tokenizer files fetched with a model (never code): vocabularies, merges, sentencepiece models, chat templates.
 TOKENIZER_ALLOW_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
@@ -240,11 +241,14 @@ def causal_lm_to_dfm(
     id is ``len(tokenizer)`` of the tokenizer stored with the model (the number of embedding rows for a model instance
     or when there is none), so that ``tokenizer.add_special_tokens({"mask_token": mask_token})`` gives exactly that
     id; if ``mask_token`` is already a token of that tokenizer, pass its id as ``mask_token_id`` (or choose another
-    string): we never overwrite a trained row silently.
+    string): we never overwrite a trained row silently. ``quantization_config`` (a ``TorchAoConfig`` or
+    ``BitsAndBytesConfig``; a ``GgufConfig`` reads a GGUF source) quantizes the converted model
+    (:func:`~dfm_hf.conversion.loader.quantize_model`).
     """
     from transformers import PreTrainedModel
 
     check_block_size(block_size)
+    quantization_config = pop_model_quantization(load_kwargs)
     real_vocab = None
     if isinstance(pretrained_model_name_or_path_or_model, PreTrainedModel):
         if load_kwargs:
@@ -265,6 +269,8 @@ def causal_lm_to_dfm(
             "`pretrained_model_name_or_path_or_model` must be a path, a Hub repo id or a loaded transformers causal "
             f"LM, got {type(pretrained_model_name_or_path_or_model).__name__}."
         )
-    return convert_causal_lm(
+    model = convert_causal_lm(
         cls, source_model, mask_token_id=mask_token_id, real_vocab_size=real_vocab, block_size=block_size
     )
+    del source_model  # the converted model holds the weights alone: quantizing frees them as it goes
+    return model if quantization_config is None else quantize_model(model, quantization_config)

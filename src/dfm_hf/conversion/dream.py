@@ -27,6 +27,7 @@ _LAYER_NAMES = (
     "mlp.down_proj.weight",
 )
 _QKV_BIAS_NAMES = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+_QK_NORM_NAMES = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")  # Qwen3 / SDAR
 
 
 def dream_config_to_dfm(config: dict[str, Any], has_qkv_bias: bool = True) -> dict[str, Any]:
@@ -64,10 +65,12 @@ def dream_config_to_dfm(config: dict[str, Any], has_qkv_bias: bool = True) -> di
 
 
 def dream_tensor_names(config: DFMConfig) -> dict[str, str]:
-    """Dream tensor name -> our parameter name (the same names), for every tensor a Dream checkpoint must hold."""
+    """Dream tensor name -> our parameter name (the same names), for every tensor a Dream checkpoint must hold: the
+    Qwen2 names, which are ours (with ``config.qk_norm`` also Qwen3's ``q_norm`` / ``k_norm``)."""
     ours = ["model.embed_tokens.weight", "model.norm.weight"]
     if not config.tie_word_embeddings:
         ours.append("lm_head.weight")
     per_layer = _LAYER_NAMES + (_QKV_BIAS_NAMES if getattr(config, "attention_bias", False) else ())
+    per_layer += _QK_NORM_NAMES if getattr(config, "qk_norm", False) else ()
     ours += [f"model.layers.{i}.{n}" for i in range(config.num_hidden_layers) for n in per_layer]
     return {n: n for n in ours}

@@ -12,11 +12,20 @@ from typing import Any, Optional
 from ..models.configuration_dfm import DEFAULT_ROPE_THETA, ROPE_PARAMETER_KEYS, ROPE_TYPES
 
 #: ``config.json`` ``model_type`` -> family name, for the released masked-diffusion LMs we convert.
-RELEASED_MODEL_TYPES: dict[str, str] = {"llada": "llada", "Dream": "dream"}
+RELEASED_MODEL_TYPES: dict[str, str] = {
+    "llada": "llada",
+    "Dream": "dream",
+    "bd3lm": "bd3lm",
+    "mdlm": "mdlm",
+    "sdar": "sdar",
+    "Fast_dLLM_Qwen": "fast_dllm_v2",
+    "llada2_moe": "llada2",
+}
 #: ``model_type`` values of the causal LMs :func:`dfm_hf.conversion.causal_lm_to_dfm` converts.
 CAUSAL_LM_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
-#: Checkpoint tensors that carry no learned values (rotary frequency tables some exporters save): skipped.
-IGNORED_TENSOR_PATTERN = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+#: Checkpoint tensors that carry no learned values (rotary frequency tables some exporters save; BD3-LM's training-time
+#: noise clipping bounds ``sampling_eps_min`` / ``sampling_eps_max``): skipped.
+IGNORED_TENSOR_PATTERN = re.compile(r"(^|\.)rotary_emb\.inv_freq$|^sampling_eps_(min|max)$")
 
 
 def detect_family(config: dict[str, Any]) -> str:
@@ -25,7 +34,7 @@ def detect_family(config: dict[str, Any]) -> str:
     if model_type not in RELEASED_MODEL_TYPES:
         raise ValueError(
             f"`model_type` {model_type!r} is not a released masked-diffusion LM we convert; accepted: "
-            f"{sorted(RELEASED_MODEL_TYPES)} (LLaDA, Dream / DiffuCoder), or 'dfm' (our own checkpoints). Causal LMs "
+            f"{sorted(RELEASED_MODEL_TYPES)}, or 'dfm' (our own checkpoints). Causal LMs "
             f"({', '.join(CAUSAL_LM_MODEL_TYPES)}) convert with `DFMForMaskedGeneration.from_causal_lm`."
         )
     return RELEASED_MODEL_TYPES[model_type]

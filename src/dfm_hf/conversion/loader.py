@@ -3,7 +3,9 @@
 Loading is strict: every tensor of the checkpoint is used and every parameter of the model is filled, with the same
 shape, else a ``ValueError`` names the tensors (missing and unexpected); names and shapes are checked from the file
 headers before any tensor is read. Each tensor is then read from its file into its final place (cast to ``dtype``
-and moved to its device on the way), one at a time: no second copy of the weights exists at any time.
+and moved to its device on the way), one at a time: no second copy of the weights exists at any time. With a
+``quantization_config`` each linear weight is quantized as soon as it is read (:mod:`.quantization`), so the
+full-precision model never exists either.
 :func:`load_released_model` is what ``DFMForMaskedGeneration.from_pretrained`` runs for LLaDA and Dream checkpoints.
 """
 
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from ..models.configuration_dfm import DFMConfig
+from .bd3lm import bd3lm_config_to_dfm, bd3lm_tensor_names
 from .checkpoint import (
     HUB_KWARGS,
     MODEL_ALLOW_PATTERNS,
@@ -28,7 +31,11 @@ from .checkpoint import (
 )
 from .dream import DREAM_QKV_BIAS_TENSOR, dream_config_to_dfm, dream_tensor_names
 from .families import IGNORED_TENSOR_PATTERN, _format_names, detect_family
+from .fast_dllm_v2 import fast_dllm_v2_config_to_dfm, fast_dllm_v2_tensor_names
 from .llada import llada_config_to_dfm, llada_tensor_names
+from .llada2 import llada2_config_to_dfm, llada2_tensor_names
+from .quantization import finish_quantization, prepare_model, prepare_quantizer, quantized_tensors
+from .sdar import sdar_config_to_dfm, sdar_tensor_names
 
 _DTYPE_NAMES = {
     "float32": torch.float32,
@@ -60,13 +67,35 @@ def released_dfm_config(config: dict[str, Any], tensor_names: Collection[str] = 
     family = detect_family(config)
     if family == "llada":
         kwargs = llada_config_to_dfm(config)
+    elif family in ("bd3lm", "mdlm"):
+        kwargs = bd3lm_config_to_dfm(config)
+    elif family == "sdar":
+        kwargs = sdar_config_to_dfm(config)
+    elif family == "fast_dllm_v2":
+        kwargs = fast_dllm_v2_config_to_dfm(config)
+    elif family == "llada2":
+        kwargs = llada2_config_to_dfm(config)
     else:
         kwargs = dream_config_to_dfm(config, has_qkv_bias=DREAM_QKV_BIAS_TENSOR in set(tensor_names))
     return family, DFMConfig(**kwargs)
 
 
-def expected_tensor_names(family: str, config: DFMConfig) -> dict[str, str]:
-    """Checkpoint tensor name -> our parameter name, for every tensor a checkpoint of ``family`` must hold."""
+#: What a checkpoint tensor fills: one parameter (its name), or several (a tuple of names) that it holds stacked along
+#: its first dimension, in that order (a fused projection, e.g. LLaDA2's ``query_key_value`` -> q, k, v).
+Target = Union[str, tuple[str, ...]]
+
+
+def expected_tensor_names(family: str, config: DFMConfig) -> dict[str, Target]:
+    """Checkpoint tensor name -> our parameter name(s) (:data:`Target`), for every tensor a checkpoint of ``family``
+    must hold."""
+    if family in ("bd3lm", "mdlm"):
+        return bd3lm_tensor_names(config)
+    if family == "sdar":
+        return sdar_tensor_names(config)
+    if family == "fast_dllm_v2":
+        return fast_dllm_v2_tensor_names(config)
+    if family == "llada2":
+        return llada2_tensor_names(config)
     return llada_tensor_names(config) if family == "llada" else dream_tensor_names(config)
 
 
@@ -131,10 +160,12 @@ def _prepare_device_map(model: nn.Module, device_map: Any, dtype: torch.dtype, m
 
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     """Put ``value`` in place of parameter or buffer ``name`` of ``model`` (a parameter keeps its ``requires_grad``
-    where ``value`` is floating)."""
+    where ``value`` is floating; a ``value`` that is already a parameter, e.g. a quantized one, goes in as it is)."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
-    if attr in module._parameters:
+    if isinstance(value, nn.Parameter):
+        module._parameters[attr] = value
+    elif attr in module._parameters:
         old = module._parameters[attr]
         module._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad and value.is_floating_point())
     else:
@@ -174,31 +205,71 @@ def finish_model(model: Any, name: str) -> Any:
 def fill_from_checkpoint(
     model: Any,
     index: CheckpointIndex,
-    names: dict[str, str],
+    names: dict[str, Target],
     dtype: torch.dtype,
     device_map: dict[str, Any],
+    quantizer: Any = None,
+    shapes: Optional[dict[str, torch.Size]] = None,
 ) -> None:
-    """Read every checkpoint tensor of ``names`` (checkpoint name -> our name) into ``model``, file by file.
+    """Read every checkpoint tensor of ``names`` (checkpoint name -> our name, or names: a fused tensor is cut along
+    its first dimension into the shapes of its parameters, ``shapes``: :func:`model_tensors` of the empty model) into
+    ``model``, file by file.
 
-    Floating tensors are cast to ``dtype``; each is read into a fresh tensor and moved to its device, so the memory
-    held at any time is the model loaded so far plus one tensor.
+    Floating tensors are cast to ``dtype``; each is read into a fresh tensor and moved to its device, then quantized
+    when ``quantizer`` (:func:`.quantization.prepare_quantizer`, the model prepared by it) says so, so the memory held
+    at any time is the model loaded so far plus one full-precision tensor.
     """
     for source, tensor in iter_tensors(index, [source for source in names if source in index.tensors]):
         if tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
-        target = names[source]
-        device = _device_of(target, device_map)
-        if torch.device(device).type != "cpu":
-            tensor = tensor.to(device)
-        set_tensor(model, target, tensor)
+        targets = names[source] if isinstance(names[source], tuple) else (names[source],)
+        pieces = tensor.split([shapes[t][0] for t in targets]) if len(targets) > 1 else (tensor,)
+        for target, piece in zip(targets, pieces):
+            device = _device_of(target, device_map)
+            if torch.device(device).type != "cpu":
+                piece = piece.to(device)
+            _put(model, target, piece, quantizer)
+            del piece
         del tensor
 
 
+def _put(model: Any, name: str, tensor: torch.Tensor, quantizer: Any) -> None:
+    """Set weight ``name`` of ``model`` to ``tensor``, quantized when ``quantizer`` (if any) says so."""
+    filled = quantized_tensors(quantizer, model, name, tensor) if quantizer is not None else {name: tensor}
+    for filled_name, value in filled.items():
+        set_tensor(model, filled_name, value)
+
+
+def quantize_model(model: Any, quantization_config: Any) -> Any:
+    """Quantize a filled ``model`` in place and return it (what the causal-LM conversion runs after converting).
+
+    ``quantization_config``: a transformers ``TorchAoConfig`` or ``BitsAndBytesConfig``, checked by the caller. The
+    weights are taken out of the model, the quantizer prepares it (as it prepares an empty one), and each weight is
+    put back, quantized where the quantizer says so, one at a time: full-precision weights that nothing else holds
+    are freed as they go, so the model never exists twice. bitsandbytes moves the model to its GPU.
+    """
+    quantizer, device_map = prepare_quantizer(quantization_config, None)
+    device = (device_map or {}).get("")
+    state = model.state_dict()
+    prepare_model(quantizer, model, model.dtype, device_map)
+    for name in list(state):
+        tensor = state.pop(name)
+        _put(model, name, tensor if device is None else tensor.to(device), quantizer)
+        del tensor
+    if device is not None:  # buffers a checkpoint does not hold (rotary frequencies) follow the weights
+        for name, buffer in list(model.named_buffers()):
+            set_tensor(model, name, buffer.to(device))
+    model = finish_model(model, str(model.config._name_or_path))
+    finish_quantization(quantizer, model)
+    return model
+
+
 def check_names_and_shapes(
-    family: str, index: CheckpointIndex, expected: dict[str, str], tensors: dict[str, torch.Size], where: str
-) -> dict[str, str]:
+    family: str, index: CheckpointIndex, expected: dict[str, Target], tensors: dict[str, torch.Size], where: str
+) -> dict[str, Target]:
     """Check the checkpoint holds exactly the ``expected`` tensors with the model's shapes (``tensors``: our names and
-    shapes, :func:`model_tensors`); return the renaming (checkpoint name -> our name)."""
+    shapes, :func:`model_tensors`; a fused tensor has its parameters' shapes stacked along the first dimension);
+    return the renaming (checkpoint name -> our name or names)."""
     present = {n for n in index.tensors if not IGNORED_TENSOR_PATTERN.search(n)}
     missing = sorted(set(expected) - present)
     unexpected = sorted(present - set(expected))
@@ -212,17 +283,24 @@ def check_names_and_shapes(
             f"{where} does not match the {family} format its config.json describes ({'; '.join(parts)}). "
             "Every tensor must be used and every parameter filled; nothing is initialised at random."
         )
-    ours = set(expected.values())
+    fused = {source: (t,) if isinstance(t, str) else t for source, t in expected.items()}
+    ours = {target for targets in fused.values() for target in targets}
     if ours != set(tensors):
         raise ValueError(
             f"{where}: the converted tensors do not cover the model's parameters "
             f"(not filled: {_format_names(set(tensors) - ours) or '-'}; "
             f"unknown: {_format_names(ours - set(tensors)) or '-'})."
         )
+    stacked = {
+        source: (sum(tensors[t][0] for t in targets), *tensors[targets[0]][1:])
+        if all(tuple(tensors[t][1:]) == tuple(tensors[targets[0]][1:]) for t in targets)
+        else None
+        for source, targets in fused.items()
+    }
     wrong = [
-        f"{source} {tuple(index.tensors[source].shape)} (expected {tuple(tensors[target])})"
-        for source, target in sorted(expected.items())
-        if tuple(index.tensors[source].shape) != tuple(tensors[target])
+        f"{source} {tuple(index.tensors[source].shape)} (expected {shape})"
+        for source, shape in sorted(stacked.items(), key=lambda item: item[0])
+        if shape is None or tuple(index.tensors[source].shape) != tuple(shape)
     ]
     if wrong:
         raise ValueError(f"{where}: tensor shapes do not match its config.json: {_format_names(wrong, 6)}.")
@@ -234,7 +312,9 @@ def load_released_model(cls: type, pretrained_model_name_or_path: Union[str, os.
 
     Accepted keyword arguments: ``dtype`` (or ``torch_dtype``; a torch dtype, its name or ``"auto"``, the default:
     the checkpoint's), ``device_map`` (None = CPU, a device, ``"auto"`` through accelerate, or a module-prefix dict),
-    ``max_memory`` (with ``"auto"``), ``attn_implementation``, ``output_loading_info``, and the Hub arguments
+    ``max_memory`` (with ``"auto"``), ``attn_implementation``, ``output_loading_info``, ``quantization_config`` (a
+    ``TorchAoConfig`` or ``BitsAndBytesConfig``, checked by the caller: the weights are quantized as they are read),
+    and the Hub arguments
     ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``force_download``, ``subfolder``. Arguments of
     transformers' own loader that do not apply to a conversion (``low_cpu_mem_usage``, ``trust_remote_code``: no remote
     code ever runs...) are ignored; ``use_safetensors=False`` and anything else raise ``TypeError``/``ValueError``.
@@ -255,7 +335,8 @@ def load_released_model(cls: type, pretrained_model_name_or_path: Union[str, os.
     attn_implementation = kwargs.pop("attn_implementation", None)
     output_loading_info = bool(kwargs.pop("output_loading_info", False))
     hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-    for key in ("config", "state_dict", "quantization_config", "gguf_file"):
+    quantization_config = kwargs.pop("quantization_config", None)
+    for key in ("config", "state_dict", "gguf_file"):
         if kwargs.get(key) is not None:
             raise ValueError(
                 f"`{key}` is not supported when converting a released checkpoint ({name!r}); convert it once "
@@ -273,12 +354,21 @@ def load_released_model(cls: type, pretrained_model_name_or_path: Union[str, os.
     index = read_checkpoint_index(folder)
     family, config = released_dfm_config(source_config, index.tensors)
     dtype = _resolve_dtype(dtype, source_config, index)
+    quantizer = None
+    if quantization_config is not None:
+        quantizer, device_map = prepare_quantizer(quantization_config, device_map)
+        dtype = quantizer.update_dtype(dtype)
     model = build_empty_model(cls, config, dtype, attn_implementation)
     where = f"The {family} checkpoint {name!r}"
-    names = check_names_and_shapes(family, index, expected_tensor_names(family, config), model_tensors(model), where)
+    shapes = model_tensors(model)
+    names = check_names_and_shapes(family, index, expected_tensor_names(family, config), shapes, where)
     placement = _prepare_device_map(model, device_map, dtype, max_memory)
-    fill_from_checkpoint(model, index, names, dtype, placement)
+    if quantizer is not None:
+        prepare_model(quantizer, model, dtype, placement)
+    fill_from_checkpoint(model, index, names, dtype, placement, quantizer, shapes)
     model = finish_model(model, name)
+    if quantizer is not None:
+        finish_quantization(quantizer, model)
     if len({str(torch.device(d)) for d in placement.values()}) > 1:
         from accelerate import dispatch_model
 

@@ -14,9 +14,9 @@ from transformers import PretrainedConfig
 
 DEFAULT_ROPE_THETA = 10000.0
 #: ``rope_parameters["rope_type"]`` -> (required keys, optional keys) besides ``rope_type``, ``rope_theta`` and
-#: ``partial_rotary_factor`` (which must be 1). The names and meanings are those of transformers' ``RopeParameters``;
-#: ``dynamic`` may also carry ``original_max_position_embeddings``, the length beyond which it rescales (default:
-#: ``max_position_embeddings``, where it never does, longer inputs being refused).
+#: ``partial_rotary_factor`` (see :func:`rotary_dim`). The names and meanings are those of transformers'
+#: ``RopeParameters``; ``dynamic`` may also carry ``original_max_position_embeddings``, the length beyond which it
+#: rescales (default: ``max_position_embeddings``, where it never does, longer inputs being refused).
 ROPE_PARAMETER_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "default": ((), ()),
     "linear": (("factor",), ()),
@@ -29,6 +29,8 @@ ROPE_PARAMETER_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "llama3": (("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"), ()),
 }
 ROPE_TYPES = tuple(ROPE_PARAMETER_KEYS)
+#: ``body`` values: ``"llama"`` (RMSNorm, gated SiLU MLP, separate q/k/v) and ``"dit"`` (BD3-LM / MDLM's DiT).
+BODIES = ("llama", "dit")
 
 #: Size presets for :meth:`DFMConfig.from_preset`. ``intermediate_size`` is about 8/3 of ``hidden_size`` (gated MLP).
 DFM_PRESETS: dict[str, dict[str, Any]] = {
@@ -117,6 +119,51 @@ def _standard_rope_parameters(
     return parameters
 
 
+def rotary_dim(head_dim: int, rope_parameters: dict[str, Any]) -> int:
+    """The rotated width of a head: ``int(head_dim * rope_parameters["partial_rotary_factor"])`` (default 1, the
+    whole head). The first ``rotary_dim`` dimensions of each query / key head are rotated (their two halves paired,
+    transformers' and LLaDA2's convention), the others pass through unchanged."""
+    return int(head_dim * rope_parameters.get("partial_rotary_factor", 1.0))
+
+
+def _check_moe(config: Any) -> None:
+    """Raise ``ValueError`` naming the key unless the mixture-of-experts keys of ``config`` fit together."""
+    if config.num_experts is None:
+        for key in ("num_experts_per_tok", "moe_intermediate_size"):
+            if getattr(config, key) is not None:
+                raise ValueError(f"`{key}` is a setting of the MoE layer: set `num_experts` or leave it None.")
+        return
+    bounds = {
+        "num_experts": (1, None),
+        "num_experts_per_tok": (1, config.num_experts),
+        "moe_intermediate_size": (1, None),
+        "num_shared_experts": (0, None),
+        "first_k_dense_replace": (0, config.num_hidden_layers),
+        "n_group": (1, config.num_experts),
+        "topk_group": (1, config.n_group),
+    }
+    for key, (low, high) in bounds.items():
+        value = getattr(config, key)
+        if not _is_int(value) or value < low or (high is not None and value > high):
+            accepted = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+            raise ValueError(f"`{key}` must be {accepted} with num_experts={config.num_experts}, got {value!r}.")
+    group = config.num_experts // config.n_group
+    if config.num_experts % config.n_group or (config.topk_group < config.n_group and group < 2):
+        raise ValueError(
+            f"`n_group` ({config.n_group}) must divide `num_experts` ({config.num_experts}) into groups of at least "
+            "2 experts (a group is scored by its best two) unless every group is kept (topk_group = n_group)."
+        )
+    if config.num_experts_per_tok > config.topk_group * group:
+        raise ValueError(
+            f"`num_experts_per_tok` ({config.num_experts_per_tok}) exceeds the experts of the `topk_group` "
+            f"({config.topk_group}) kept groups ({config.topk_group * group})."
+        )
+    if not _is_number(config.routed_scaling_factor) or config.routed_scaling_factor <= 0:
+        raise ValueError(f"`routed_scaling_factor` must be a finite number > 0, got {config.routed_scaling_factor!r}.")
+    if not isinstance(config.norm_topk_prob, bool):
+        raise ValueError(f"`norm_topk_prob` must be True or False, got {config.norm_topk_prob!r}.")
+
+
 def _check_rope_parameters(parameters: dict[str, Any], head_dim: int) -> None:
     """Raise ``ValueError`` naming the key unless ``parameters`` (standardised) is a RoPE we compute."""
     rope_type = parameters["rope_type"]
@@ -143,10 +190,12 @@ def _check_rope_parameters(parameters: dict[str, Any], head_dim: int) -> None:
             raise ValueError(f"`rope_parameters['{key}']` must be a finite number{bound}, got {value!r}.")
 
     number("rope_theta", 0.0)
-    if parameters.get("partial_rotary_factor", 1.0) != 1.0:
+    partial = parameters.get("partial_rotary_factor", 1.0)
+    width = rotary_dim(head_dim, parameters) if _is_number(partial) else 0
+    if not _is_number(partial) or not 0 < partial <= 1 or width < 2 or width % 2:
         raise ValueError(
-            f"`rope_parameters['partial_rotary_factor']` must be 1.0 (the whole head is rotated), got "
-            f"{parameters['partial_rotary_factor']!r}."
+            f"`rope_parameters['partial_rotary_factor']` must be a number in (0, 1] whose share of head_dim "
+            f"({head_dim}) is a positive even number of dimensions, got {partial!r}."
         )
     number("factor", 1.0, inclusive=True)
     for key in ("attention_factor", "beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor"):
@@ -165,17 +214,38 @@ def _check_rope_parameters(parameters: dict[str, Any], head_dim: int) -> None:
             f"`rope_parameters['high_freq_factor']` ({parameters['high_freq_factor']}) must be greater than "
             f"`rope_parameters['low_freq_factor']` ({parameters['low_freq_factor']})."
         )
+    half = rotary_dim(head_dim, parameters) // 2
     for key in ("short_factor", "long_factor"):
         value = parameters.get(key)
         if value is not None and (
             not isinstance(value, (list, tuple))
-            or len(value) != head_dim // 2
+            or len(value) != half
             or not all(_is_number(v) and v > 0 for v in value)
         ):
             raise ValueError(
-                f"`rope_parameters['{key}']` must be a list of head_dim / 2 = {head_dim // 2} finite numbers > 0, "
+                f"`rope_parameters['{key}']` must be a list of rotary_dim / 2 = {half} finite numbers > 0, "
                 f"got {value!r}."
             )
+
+
+def _check_body(config: DFMConfig) -> None:
+    """Raise ``ValueError`` naming the key unless ``body``, ``cond_dim`` and ``subs_parameterization`` fit."""
+    if config.body not in BODIES:
+        raise ValueError(f"`body` must be one of {list(BODIES)}, got {config.body!r}.")
+    if config.body == "llama":
+        if config.cond_dim is not None:
+            raise ValueError(
+                f"`cond_dim` is a setting of body='dit'; with body='llama' it must be None, got {config.cond_dim!r}."
+            )
+    else:
+        if config.cond_dim is None or not _is_int(config.cond_dim) or config.cond_dim < 1:
+            raise ValueError(f"`cond_dim` must be a positive integer with body='dit', got {config.cond_dim!r}.")
+        if config.tie_word_embeddings:
+            raise ValueError("body='dit' has an untied, biased output layer: set `tie_word_embeddings=False`.")
+        if config.attention_bias:
+            raise ValueError("body='dit' has no q/k/v biases: set `attention_bias=False`.")
+    if config.subs_parameterization and config.mask_token_id is None:
+        raise ValueError("`subs_parameterization=True` needs a `mask_token_id` (the logit it removes).")
 
 
 class DFMConfig(PretrainedConfig):
@@ -201,12 +271,14 @@ class DFMConfig(PretrainedConfig):
             ``num_attention_heads * head_dim`` and ``o_proj`` maps it back.
         rope_parameters: the rotary embedding, as transformers' ``RopeParameters`` dict: ``rope_type`` one of
             :data:`ROPE_TYPES` (``"default"``, ``"linear"``, ``"dynamic"``, ``"yarn"``, ``"llama3"``,
-            ``"longrope"``) with the keys :data:`ROPE_PARAMETER_KEYS` lists for it, e.g. ``{"rope_type": "llama3",
-            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings":
-            8192}``. ``None`` means plain RoPE. The frequencies and the cos/sin scaling are transformers' (its
-            ``ROPE_INIT_FUNCTIONS``); the length-dependent types (``dynamic``, ``longrope``) use the length of the
-            sequence being denoised, the whole canvas with a key/value cache. ``rope_scaling`` is accepted as its
-            legacy name.
+            ``"longrope"``) with the keys :data:`ROPE_PARAMETER_KEYS` lists for it, and optionally
+            ``partial_rotary_factor`` in (0, 1] (LLaDA2: 0.5; only the first ``head_dim * factor`` dimensions of each
+            query / key head are rotated, with frequencies over that width; :func:`rotary_dim`), e.g.
+            ``{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}``. ``None`` means plain RoPE. The frequencies and the cos/sin
+            scaling are transformers' (its ``ROPE_INIT_FUNCTIONS``); the length-dependent types (``dynamic``,
+            ``longrope``) use the length of the sequence being denoised, the whole canvas with a key/value cache.
+            ``rope_scaling`` is accepted as its legacy name.
         logits_shift: the output head reads the hidden state at position ``i - 1`` to predict token ``i`` (position 0
             reads its own): the convention of Dream / DiffuCoder and of causal LMs adapted to diffusion. The logits at
             ``i`` still parametrise ``p_{1|t}(x^i | x_t)``; the shift is internal to the model.
@@ -215,8 +287,25 @@ class DFMConfig(PretrainedConfig):
             every earlier block), blocks counted from position 0 of the row (the prompt included; padding does not
             count). Generation then runs block by block with an exact key/value cache of the finished blocks (a
             ``DynamicCache``, appended to and cropped); ``K = 1`` is a causal LM.
+        qk_norm: an RMS norm over ``head_dim`` (learned scale, epsilon ``rms_norm_eps``) on every query and key head,
+            before the rotary embedding (Qwen3 / SDAR / LLaDA2): parameters ``self_attn.q_norm.weight`` and
+            ``self_attn.k_norm.weight`` of shape ``(head_dim,)``.
+        num_experts: ``None`` (a dense MLP in every layer) or ``E``: a sparse mixture-of-experts feed-forward
+            (LLaDA2.x; :mod:`.moe`) in layers ``first_k_dense_replace`` and later, with ``E`` routed experts. Its
+            keys: ``num_experts_per_tok`` (``k``, experts per token), ``moe_intermediate_size`` (width of each
+            expert), ``num_shared_experts`` (the always-on shared MLP is this many experts wide; 0: none),
+            ``first_k_dense_replace`` (leading layers with the dense MLP of ``intermediate_size``), ``n_group`` /
+            ``topk_group`` (group-limited routing: the experts form ``n_group`` equal groups, each scored by the sum
+            of its best two biased scores, and only the best ``topk_group`` groups are eligible),
+            ``routed_scaling_factor`` (multiplies the routing weights) and ``norm_topk_prob`` (normalise the
+            chosen experts' sigmoid scores to sum to 1). Without ``num_experts``, ``num_experts_per_tok`` and
+            ``moe_intermediate_size`` must be None and the other keys are unused.
         time_conditioning: add adaLN-Zero time modulation (DiT); ``False`` builds no time parameters and ignores ``t``
-            (enough for the mask source, whose posterior does not depend on ``t``).
+            (enough for the mask source, whose posterior does not depend on ``t``). With ``body="dit"`` the adaLN
+            parameters always exist and this chooses what they see: ``True``, BD3-LM / MDLM's noise level
+            ``sigma = -log(max(t, 1e-3))`` (``t``: our time, the fraction of clean tokens under a linear kappa;
+            their move chance is ``1 - t``, clipped at their log-linear ``sigma_max``); ``False``, ``sigma = 0``
+            whatever ``t`` (their ``time_conditioning: false``: the adaLN still receives the embedding of 0).
         mask_token_id: id of the ``[MASK]`` source token, or ``None`` (e.g. a uniform-source model).
         pad_token_id, eos_token_id, bos_token_id: special token ids (``None`` or ids in ``[0, vocab_size)``).
         tie_word_embeddings: tie the output head to the input embeddings.
@@ -224,6 +313,15 @@ class DFMConfig(PretrainedConfig):
         attention_dropout: dropout on the attention probabilities.
         initializer_range: standard deviation of the normal weight initialisation.
         rms_norm_eps: epsilon of the RMS norms.
+
+        body: ``"llama"`` (the layers above) or ``"dit"``: BD3-LM / MDLM's diffusion transformer
+            (:mod:`.dit`): bias-free LayerNorms (epsilon 1e-5), bias-free q/k/v/o projections (their fused
+            ``attn_qkv`` split on conversion), a biased GELU-tanh MLP of width ``intermediate_size``, adaLN modulation
+            of every block and of the final norm from the sigma embedder (``cond_dim`` wide), and a biased, untied
+            output layer.
+        cond_dim: width of the DiT's conditioning vector (``body="dit"`` only; None otherwise).
+        subs_parameterization: MDLM's SUBS output: the mask token's logit is ``-inf`` and a position whose input is
+            not the mask token puts all its mass on that input (logit 0 there, ``-inf`` elsewhere).
 
     The training loss is not a model setting: the training code chooses it. A ``loss_type`` key in ``config.json`` is
     dropped on load, not stored (transformers' models use that attribute name for their own loss lookup).
@@ -258,6 +356,19 @@ class DFMConfig(PretrainedConfig):
         logits_shift: bool = False,
         rope_parameters: Optional[dict[str, Any]] = None,
         block_size: Optional[int] = None,
+        qk_norm: bool = False,
+        num_experts: Optional[int] = None,
+        num_experts_per_tok: Optional[int] = None,
+        moe_intermediate_size: Optional[int] = None,
+        num_shared_experts: int = 0,
+        first_k_dense_replace: int = 0,
+        n_group: int = 1,
+        topk_group: int = 1,
+        routed_scaling_factor: float = 1.0,
+        norm_topk_prob: bool = True,
+        body: str = "llama",
+        cond_dim: Optional[int] = None,
+        subs_parameterization: bool = False,
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -281,6 +392,19 @@ class DFMConfig(PretrainedConfig):
         self.head_dim = head_dim
         self.logits_shift = logits_shift
         self.block_size = block_size
+        self.qk_norm = qk_norm
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_intermediate_size = moe_intermediate_size
+        self.num_shared_experts = num_shared_experts
+        self.first_k_dense_replace = first_k_dense_replace
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.routed_scaling_factor = routed_scaling_factor
+        self.norm_topk_prob = norm_topk_prob
+        self.body = body
+        self.cond_dim = cond_dim
+        self.subs_parameterization = subs_parameterization
         self._validate_sizes()  # before the base class: its own validators divide by these
         _check_rope_parameters(self.rope_parameters, self.head_dim)  # before the base class's, which only warns
         # Special ids and tying go through the base class so that both transformers 4.x and 5.x store them.
@@ -330,11 +454,20 @@ class DFMConfig(PretrainedConfig):
     def _validate(self) -> None:
         self._validate_sizes()
         _check_rope_parameters(self.rope_parameters, self.head_dim)
-        for key in ("time_conditioning", "tie_word_embeddings", "attention_bias", "logits_shift"):
+        for key in (
+            "time_conditioning",
+            "tie_word_embeddings",
+            "attention_bias",
+            "logits_shift",
+            "qk_norm",
+            "subs_parameterization",
+        ):
             value = getattr(self, key)
             if not isinstance(value, bool):
                 raise ValueError(f"`{key}` must be True or False, got {value!r}.")
         check_block_size(self.block_size)
+        _check_moe(self)
+        _check_body(self)
         for key in ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, key, None)
             values = value if key == "eos_token_id" and isinstance(value, (list, tuple)) else [value]
@@ -396,4 +529,13 @@ class DFMConfig(PretrainedConfig):
         return cls(**kwargs)
 
 
-__all__ = ["DEFAULT_ROPE_THETA", "DFMConfig", "DFM_PRESETS", "ROPE_PARAMETER_KEYS", "ROPE_TYPES", "check_block_size"]
+__all__ = [
+    "BODIES",
+    "DEFAULT_ROPE_THETA",
+    "DFMConfig",
+    "DFM_PRESETS",
+    "ROPE_PARAMETER_KEYS",
+    "ROPE_TYPES",
+    "check_block_size",
+    "rotary_dim",
+]

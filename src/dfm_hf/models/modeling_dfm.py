@@ -29,6 +29,7 @@ from transformers.utils import ModelOutput
 
 from .cache import check_cache, prepare_cache
 from .configuration_dfm import DFMConfig
+from .dit import dit_body, dit_sigma, subs_logits
 from .layers import (
     DFMRMSNorm,
     DFMTimestepEmbedder,
@@ -39,7 +40,13 @@ from .layers import (
     shift_hidden_states,
     shift_sources,
 )
-from .loading import broken_weights_error, check_loading_info, checkpoint_model_type
+from .loading import (
+    broken_weights_error,
+    check_loading_info,
+    check_quantization_config,
+    checkpoint_model_type,
+    record_quantized_mismatches,
+)
 from .losses import masked_cross_entropy_loss
 from .masking import create_attention_mask, pattern_positions
 from .rotary import DFMRotaryEmbedding
@@ -122,7 +129,7 @@ class DFMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["DFMTransformerLayer"]
+    _no_split_modules = ["DFMTransformerLayer", "DiTLayer"]
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_flash_attn = True
@@ -150,12 +157,15 @@ class DFMModel(DFMPreTrainedModel):
     def __init__(self, config: DFMConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.time_embedding = DFMTimestepEmbedder(config) if config.time_conditioning else None
-        self.layers = nn.ModuleList([DFMTransformerLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = DFMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.final_modulation = (
-            DFMZeroLinear(config.hidden_size, 2 * config.hidden_size) if config.time_conditioning else None
-        )
+        if config.body == "dit":  # BD3-LM / MDLM's DiT (models/dit.py)
+            self.time_embedding, self.layers, self.norm, self.final_modulation = dit_body(config)
+        else:
+            self.time_embedding = DFMTimestepEmbedder(config) if config.time_conditioning else None
+            self.layers = nn.ModuleList([DFMTransformerLayer(config, i) for i in range(config.num_hidden_layers)])
+            self.norm = DFMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.final_modulation = (
+                DFMZeroLinear(config.hidden_size, 2 * config.hidden_size) if config.time_conditioning else None
+            )
         self.rotary_emb = DFMRotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
@@ -224,6 +234,8 @@ class DFMModel(DFMPreTrainedModel):
         t = prepare_timesteps(timesteps, batch, device)
         if config.time_conditioning and t is None:
             raise ValueError("`timesteps` are required by a model with `time_conditioning=True` (one per row).")
+        if config.body == "dit":
+            t = dit_sigma(t, config, batch, device)
         time_condition = None if self.time_embedding is None else F.silu(self.time_embedding(t))
         position_embeddings = self.rotary_emb(position_ids, rope_len, device, dtype)
 
@@ -274,7 +286,7 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
     def __init__(self, config: DFMConfig) -> None:
         super().__init__(config)
         self.model = DFMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.body == "dit")
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -387,6 +399,9 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
             hidden_states = shift_hidden_states(hidden_states, src)
         keep = prepare_logits_to_keep(logits_to_keep, batch, seq_len, hidden_states.device)
         logits = self.lm_head(self._select(hidden_states, keep))
+        if self.config.subs_parameterization:
+            ids = None if input_ids is None else self._select(input_ids, keep)
+            logits = subs_logits(logits, ids, self.config.mask_token_id)
 
         loss = None
         if labels is not None:
@@ -414,9 +429,11 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
         the files (``output_loading_info=True`` returns the report instead), a broken weights file ``OSError`` naming
         it. Released LLaDA (``model_type: "llada"``) and Dream / DiffuCoder (``"Dream"``) checkpoints are converted on
         load by ``dfm_hf.conversion.load_released_model`` (``dtype=``, ``device_map=``, ``revision=``... work; no
-        remote code runs); ``save_pretrained`` then writes our format.
+        remote code runs); ``save_pretrained`` then writes our format. ``quantization_config=`` (a ``TorchAoConfig`` or
+        ``BitsAndBytesConfig``: ``dfm_hf.models.loading.check_quantization_config``) quantizes either while loading.
         """
         name = pretrained_model_name_or_path
+        kwargs["quantization_config"] = check_quantization_config(kwargs.get("quantization_config"))
         model_type = checkpoint_model_type(name, kwargs)
         if model_type is not None and model_type != cls.config_class.model_type:
             # imported by name: transformers' remote-code import check must not require dfm_hf for our own files
@@ -440,6 +457,7 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
             if broken is not None:
                 raise broken from err
             raise
+        record_quantized_mismatches(model, info)
         if report:
             return model, info
         if not lenient:
@@ -463,7 +481,8 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
         attention (``block_size=K``: block diffusion, see :class:`DFMConfig`), the causal LM's vocabulary and special
         ids, and a mask token: ``mask_token_id`` reuses that existing id; otherwise a new id ``len(tokenizer)`` (the
         tokenizer stored with the model; the number of embedding rows for a model instance) whose embedding row (and
-        head row, when untied) is the mean of the real tokens' rows. Add ``mask_token`` to the tokenizer
+        head row, when untied) is the mean of the real tokens' rows; ``quantization_config=`` (``TorchAoConfig``,
+        ``BitsAndBytesConfig``) quantizes the converted model. Add ``mask_token`` to the tokenizer
         (``tokenizer.add_special_tokens({"mask_token": mask_token})``) and it gets that id;
         ``DFMPipeline.from_causal_lm`` does it for you. Tied embeddings stay tied. Other architectures raise
         ``ValueError``. A loaded model's weights are shared with the result, not copied (except a grown embedding /
@@ -472,6 +491,7 @@ class DFMForMaskedGeneration(DFMPreTrainedModel):
         """
         conversion = importlib.import_module("dfm_hf.conversion")  # by name: see from_pretrained
         source = pretrained_model_name_or_path_or_model
+        load_kwargs["quantization_config"] = check_quantization_config(load_kwargs.get("quantization_config"), True)
         return conversion.causal_lm_to_dfm(
             cls, source, mask_token=mask_token, mask_token_id=mask_token_id, block_size=block_size, **load_kwargs
         )

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from .configuration_dfm import DFMConfig
+from .configuration_dfm import DFMConfig, rotary_dim
 
 #: Rope types whose frequencies depend on the sequence length (``dynamic``: NTK-aware base beyond
 #: ``original_max_position_embeddings``; ``longrope``: the long factors beyond it, the short ones up to it).
@@ -28,10 +28,12 @@ LENGTH_DEPENDENT_ROPE_TYPES = ("dynamic", "longrope")
 def default_rope_parameters(
     config: DFMConfig, device: Optional[torch.device] = None, seq_len: Optional[int] = None, **kwargs: Any
 ) -> tuple[torch.Tensor, float]:
-    """Plain RoPE: ``inv_freq_j = rope_theta^(-2j / head_dim)`` for ``j = 0..head_dim/2 - 1`` (float32), and an
-    attention scaling of 1 (the signature of transformers' ``ROPE_INIT_FUNCTIONS``; ``seq_len`` is unused)."""
+    """Plain RoPE: ``inv_freq_j = rope_theta^(-2j / d)`` for ``j = 0..d/2 - 1`` (float32) over the rotated width
+    ``d = rotary_dim`` (``head_dim`` unless ``partial_rotary_factor < 1``), and an attention scaling of 1 (the
+    signature of transformers' ``ROPE_INIT_FUNCTIONS``; ``seq_len`` is unused)."""
     theta = config.rope_parameters["rope_theta"]
-    exponents = torch.arange(0, config.head_dim, 2, device=device, dtype=torch.float32) / config.head_dim
+    dim = rotary_dim(config.head_dim, config.rope_parameters)
+    exponents = torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim
     return 1.0 / (theta**exponents), 1.0
 
 
@@ -96,8 +98,8 @@ class DFMRotaryEmbedding(nn.Module):
         device: torch.device,
         dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)``: ``(length, head_dim)`` rows ``0..length-1`` when ``position_ids`` is None, else
-        ``(batch, n, head_dim)`` rows ``position_ids``.
+        """``(cos, sin)``: ``(length, d)`` rows ``0..length-1`` when ``position_ids`` is None, else
+        ``(batch, n, d)`` rows ``position_ids`` (``d = rotary_dim``, ``head_dim`` unless the RoPE is partial).
 
         ``length`` is the length of the sequence the positions belong to (positions lie in ``[0, length)``: not
         checked), with a key/value cache the whole cached sequence. ``None`` (only with ``position_ids``) means
@@ -135,10 +137,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` ``(batch, heads, len, head_dim)``: ``x * cos + rotate_half(x) * sin``, with tables of shape
-    ``(len, head_dim)`` (shared by the rows) or ``(batch, len, head_dim)`` (per-row positions)."""
+    ``(len, d)`` (shared by the rows) or ``(batch, len, d)`` (per-row positions). With ``d < head_dim`` (partial
+    RoPE) only the first ``d`` dimensions are rotated (``rotate_half`` over those) and the rest pass through."""
     if cos.dim() == 3:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
+    dim = cos.shape[-1]
+    if dim == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rotated, passed = x[..., :dim], x[..., dim:]
+    return torch.cat((rotated * cos + rotate_half(rotated) * sin, passed), dim=-1)
 
 
 __all__ = ["DFMRotaryEmbedding", "apply_rotary", "default_rope_parameters", "rotate_half"]

@@ -16,8 +16,10 @@ attends in blocks of ``L``).
   one more when ``j < N mod n_r`` (at least one). Inside the block the scheduler runs on the block as its window
   (:func:`~dfm_hf.schedulers.utils.block_grid_windows`): :class:`~dfm_hf.ConfidenceUnmaskingScheduler` commits
   ``ceil(L / steps)`` positions a step (its ``"fixed"`` transfer schedule), or every position above
-  ``confidence_threshold`` and at least that many; :class:`~dfm_hf.DiscreteFlowScheduler` runs its time grid inside
-  the block. All rows work on the same block columns at once; a row that has done its steps for the block waits.
+  ``confidence_threshold`` and at least that many (with ``threshold_rule="top1"``, Fast-dLLM's rule, ``N`` is the
+  scheduler's :meth:`~dfm_hf.ConfidenceUnmaskingScheduler.inference_steps`: ``L`` steps per block, one position a
+  step plus those above the threshold); :class:`~dfm_hf.DiscreteFlowScheduler` runs its time grid inside the block.
+  All rows work on the same block columns at once; a row that has done its steps for the block waits.
 * **Model calls** (:class:`~dfm_hf.pipelines.runner.BlockRunner`). The full blocks of the prompt and the first block
   run once; then each step runs only the open block as queries against the cache. The first call of a block runs
   ``[finished block | open block]``: it appends the finished block's keys and values and gives the open block's
@@ -37,6 +39,8 @@ from typing import Any, Optional
 
 import torch
 
+from ..generation.streamers import DraftFeed
+from ..schedulers.editing import timesteps_with_editing
 from ..schedulers.utils import block_grid_windows
 from .callbacks import run_step_callback
 from .runner import BlockRunner
@@ -169,11 +173,14 @@ def generate_blocks(
     callback: Optional[Callable[..., dict]],
     tensor_inputs: list[str],
     return_full_text: bool,
+    streamer: Optional[Any] = None,
 ) -> BlockSamplingResult:
     """Run block-diffusion sampling for ``pipe`` (module docstring); ``cached`` selects the key/value cache.
 
     A callback gets ``(pipe, step, timestep, {"sample", "condition_mask"})`` after each step, with the left-padded
-    rows of the whole layout; ``step`` counts the steps of the call and ``timestep`` is the block's own time.
+    rows of the whole layout; ``step`` counts the steps of the call and ``timestep`` is the block's own time. A
+    ``streamer`` gets the columns before the first generated block, then the open block's columns as each draft and
+    again when the block finishes (:mod:`dfm_hf.generation.streamers`).
     """
     model, mask = pipe.model, pipe.mask_token_id
     length = sampler_block_length(model, scheduler)
@@ -196,11 +203,15 @@ def generate_blocks(
         cached,
         None if length == model.config.block_size else length,
     )
-    steps = block_steps(layout.num_blocks, num_inference_steps)
+    num_steps = scheduler.inference_steps(num_inference_steps, max(layout.num_blocks) * length, length)
+    pipe._num_timesteps = num_steps
+    steps = block_steps(layout.num_blocks, num_steps)
     eos = eos_ids(pipe)
     active = torch.ones(sample.shape[0], dtype=torch.bool)  # rows still generating (host)
     ran = torch.zeros(sample.shape[0], dtype=torch.long)  # blocks each row has run
     count = 0
+    feed = DraftFeed(streamer, pipe._pad_id())
+    feed.put(sample[:, : layout.start])
     for j in pipe.progress_bar(range(steps.shape[1])):
         row_steps = torch.where(active, steps[:, j], 0)
         if not bool(row_steps.any()):
@@ -208,7 +219,7 @@ def generate_blocks(
         start, end = layout.start + j * length, layout.start + (j + 1) * length
         scheduler.set_timesteps(int(row_steps.max()), device=device)
         row_steps_device = row_steps.to(device)
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in timesteps_with_editing(scheduler):  # the grid, then LLaDA2.1's editing passes (if any)
             block, given = sample[:, start:end], condition[:, start:end]
             windows = block_grid_windows(~given, row_steps_device, i, j, length)
             plan = scheduler.plan_step(block, t, generator=generator, condition_mask=given, windows=windows)
@@ -218,6 +229,8 @@ def generate_blocks(
             sample = torch.cat([sample[:, :start], block, sample[:, end:]], dim=1)
             sample = run_step_callback(callback, pipe, count, t, sample, condition, tensor_inputs)
             count += 1
+            feed.draft(sample[:, start:end], runner.nfe, row_steps_device > 0)
+        feed.put(sample[:, start:end], row_steps_device > 0)
         ran += (row_steps > 0).long()
         done = (row_steps > 0) & (ran == torch.tensor(layout.num_blocks))
         if eos is not None:
@@ -225,6 +238,7 @@ def generate_blocks(
             done |= (row_steps > 0) & (torch.isin(block, eos) & free).any(1)
         active &= ~done
         runner.keep_rows(active[runner.rows.cpu()].to(device))
+    feed.end()
     sample = sample.cpu()
     columns = torch.arange(sample.shape[1])
     reached = columns.unsqueeze(0) < (layout.start + ran * length).unsqueeze(1)

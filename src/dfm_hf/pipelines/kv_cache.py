@@ -10,11 +10,13 @@ window opens, and reused:
   and of the still-masked suffix.
 
 A full forward filling a new :class:`~dfm_hf.models.DFMBlockCache` computes the keys/values of every position (a
-"refresh": when a window opens, and every ``refresh_steps`` steps inside it when asked); each step's logits then come
-from a partial forward of the query positions (``position_ids`` = their absolute positions, ``past_key_values`` = the
-cache, which each step rewrites in place at those positions). With a cache computed from the current tokens
-(``refresh_steps=1``) this is exact up to float rounding; otherwise the cached states are stale (they were computed
-before the window's tokens were committed): that is the approximation. ``kv_cache=None`` is the exact path.
+"refresh": when a window opens, and every ``refresh_steps`` steps inside it when asked). It sees the current tokens,
+so it also gives the logits of its own step (one forward for that step, as in Fast-dLLM); the logits of the other
+steps come from a partial forward of the query positions (``position_ids`` = their absolute positions,
+``past_key_values`` = the cache, which each step rewrites in place at those positions). With ``refresh_steps=1`` every
+step is such a full forward, exact up to float rounding; otherwise the cached states a partial forward reads are stale
+(they were computed before the window's latest tokens were committed): that is the approximation. ``kv_cache=None``
+is the exact path.
 
 A block-diffusion model (``config.block_size``) needs none of this: its finished blocks never change, and its exact
 cache is :class:`~dfm_hf.pipelines.runner.BlockRunner`'s (:func:`resolve_kv_cache` picks it).
@@ -127,9 +129,10 @@ class BlockCacheState:
             return True
         return self.refresh_steps is not None and self.age >= self.refresh_steps
 
-    def refreshed(self, cache: DFMBlockCache, window_index: torch.Tensor) -> None:
-        """Record a cache computed now, for the window ``window_index``."""
-        self.cache, self.window_index, self.age = cache, window_index.clone(), 0
+    def refreshed(self, cache: DFMBlockCache, window_index: torch.Tensor, age: int = 0) -> None:
+        """Record a cache computed now, for the window ``window_index``, that is ``age`` steps old (1: the step that
+        computed it has read its logits)."""
+        self.cache, self.window_index, self.age = cache, window_index.clone(), age
         self.refreshes += 1
 
 

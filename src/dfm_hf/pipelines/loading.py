@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 
 from ..hub.download import DOWNLOAD_ARGUMENTS, HUB_OPTIONS, PICKLE_SUFFIXES, download_pipeline, is_repo_id
 from ..hub.push import push_pipeline_folder, push_pipeline_to_hub
+from ..models.loading import check_quantization_config
 from ..schedulers.presets import default_scheduler_presets, load_presets_from_folder, save_presets
 from .lora import clean_model_for_saving
 
@@ -82,10 +83,13 @@ class DFMPipelineLoadingMixin:
         presets (see :mod:`dfm_hf.pipelines.released`). Weights load from safetensors only; pass
         ``allow_pickle=True`` to accept a ``pytorch_model.bin`` (``use_safetensors=False`` needs it too). The
         download arguments of :data:`DOWNLOAD_KWARGS` reach the Hub client. A missing folder, file or component
-        raises ``OSError`` naming it.
+        raises ``OSError`` naming it. ``quantization_config=`` (a transformers ``TorchAoConfig`` or
+        ``BitsAndBytesConfig``; for a saved pipeline also diffusers' ``PipelineQuantizationConfig``) quantizes the
+        model while it loads (see ``DFMForMaskedGeneration.from_pretrained``).
         """
         name = str(pretrained_model_name_or_path)
         allow_pickle = bool(kwargs.pop("allow_pickle", False))
+        quantization = kwargs.pop("quantization_config", None)
         if kwargs.get("use_safetensors") is False and not allow_pickle:
             raise ValueError(
                 "`use_safetensors`=False loads pickled weights, which can run code: pass `allow_pickle=True` too "
@@ -98,7 +102,7 @@ class DFMPipelineLoadingMixin:
         else:
             folder = None if not _repo_has_model_index(name, kwargs) else "download"
         if folder is None:
-            return cls._from_released(name, allow_pickle=allow_pickle, **kwargs)
+            return cls._from_released(name, allow_pickle=allow_pickle, quantization_config=quantization, **kwargs)
         if folder == "download":
             folder = cls.download(name, allow_pickle=allow_pickle, **kwargs)
         for key in DOWNLOAD_KWARGS:
@@ -106,6 +110,8 @@ class DFMPipelineLoadingMixin:
         _check_no_pickle(folder, allow_pickle)
         _check_components_present(folder, name)
         kwargs.setdefault("use_safetensors", None if allow_pickle else True)  # None: safetensors first, else pickle
+        if quantization is not None:
+            kwargs["quantization_config"] = _pipeline_quantization(quantization)
         pipe = super().from_pretrained(folder, **kwargs)
         pipe.register_to_config(_name_or_path=name)
         pipe.scheduler_presets = {**default_scheduler_presets(pipe.scheduler), **load_presets_from_folder(folder)}
@@ -198,6 +204,16 @@ def _download_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
             "variables instead."
         )
     return {k: kwargs[k] for k in DOWNLOAD_KWARGS if k in kwargs and k != "proxies"}
+
+
+def _pipeline_quantization(quantization_config: Any) -> Any:
+    """diffusers' ``PipelineQuantizationConfig`` for a saved pipeline: one given passes as it is; a transformers
+    config (checked by :func:`~dfm_hf.models.loading.check_quantization_config`) applies to the model."""
+    from diffusers import PipelineQuantizationConfig
+
+    if isinstance(quantization_config, PipelineQuantizationConfig):
+        return quantization_config
+    return PipelineQuantizationConfig(quant_mapping={"model": check_quantization_config(quantization_config)})
 
 
 def _repo_has_model_index(repo_id: str, kwargs: dict[str, Any]) -> bool:

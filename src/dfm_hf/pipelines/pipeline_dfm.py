@@ -20,12 +20,16 @@ from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
+from ..generation.streamers import DraftFeed
+from ..generation.utils import check_prompt
 from ..rng import check_generator, uniform_tokens_at
 from ..schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
+from ..schedulers.editing import timesteps_with_editing
 from ..schedulers.presets import default_scheduler_presets
 from ..schedulers.utils import validate_num_inference_steps
 from .block_diffusion import check_block_prompts, generate_blocks
 from .callbacks import run_step_callback
+from .foreign_schedulers import adapt_scheduler
 from .kv_cache import BlockCacheState, resolve_kv_cache
 from .loading import DFMPipelineLoadingMixin
 from .lora import DFMLoraLoaderMixin
@@ -54,8 +58,10 @@ class DFMPipelineOutput(BaseOutput):
 class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline):
     """Pipeline pairing a :class:`~dfm_hf.DFMForMaskedGeneration`, a scheduler and a tokenizer.
 
-    Components: ``model``, ``scheduler`` (:class:`~dfm_hf.DiscreteFlowScheduler` or
-    :class:`~dfm_hf.ConfidenceUnmaskingScheduler`), ``tokenizer`` (optional; needed for text prompts and outputs).
+    Components: ``model``, ``scheduler`` (:class:`~dfm_hf.DiscreteFlowScheduler`,
+    :class:`~dfm_hf.ConfidenceUnmaskingScheduler`, or diffusers' ``BlockRefinementScheduler``,
+    ``EntropyBoundScheduler``, ``DiscreteDDIMScheduler``: see :mod:`~dfm_hf.pipelines.foreign_schedulers`),
+    ``tokenizer`` (optional; needed for text prompts and outputs).
     Named scheduler presets travel with the pipeline under ``scheduler_presets/<name>/scheduler_config.json``.
     Loading and saving: :class:`~dfm_hf.pipelines.loading.DFMPipelineLoadingMixin`; LoRA adapters:
     :class:`~dfm_hf.pipelines.lora.DFMLoraLoaderMixin`.
@@ -85,21 +91,21 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
         """The mask token id: the model's, or the scheduler's when the model config has none."""
         mask = getattr(self.model.config, "mask_token_id", None)
         if mask is None:
-            mask = self.scheduler.config.mask_token_id
+            mask = self.scheduler.config.get("mask_token_id")
         return mask
 
     def check_components(self) -> None:
         """Raise ``ValueError`` when model, scheduler and tokenizer disagree on the mask id or the vocabulary."""
         mcfg, scfg = self.model.config, self.scheduler.config
         if (
-            scfg.mask_token_id is not None
+            scfg.get("mask_token_id") is not None
             and mcfg.mask_token_id is not None
-            and scfg.mask_token_id != mcfg.mask_token_id
+            and scfg.get("mask_token_id") != mcfg.mask_token_id
         ):
             raise ValueError(
                 f"`scheduler` mask_token_id={scfg.mask_token_id} disagrees with the model's {mcfg.mask_token_id}."
             )
-        if scfg.vocab_size is not None and scfg.vocab_size != mcfg.vocab_size:
+        if scfg.get("vocab_size") is not None and scfg.vocab_size != mcfg.vocab_size:
             raise ValueError(f"`scheduler` vocab_size={scfg.vocab_size} disagrees with the model's {mcfg.vocab_size}.")
         if self.tokenizer is not None:
             if self.tokenizer.mask_token_id is None:
@@ -162,17 +168,7 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
                 "per call; split the batch."
             )
         for ids in prompts:
-            if any(v < 0 or v >= vocab for v in ids):
-                raise ValueError(f"`input_ids` must lie in [0, vocab_size={vocab}).")
-            if len(ids) + gen_length > max_len:
-                raise ValueError(
-                    f"prompt ({len(ids)} tokens) + `gen_length` ({gen_length}) = {len(ids) + gen_length} exceeds the "
-                    f"model's max_position_embeddings={max_len}."
-                )
-            if gen_length == 0 and mask not in ids:
-                raise ValueError(
-                    "The prompt has nothing to generate: `gen_length` is 0 and it holds no mask token to infill."
-                )
+            check_prompt(ids, gen_length, mask, vocab, max_len)
             rows.extend([list(ids)] * num_samples_per_prompt)
         return rows
 
@@ -239,6 +235,7 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
         guidance_scale: float = 1.0,
         kv_cache: Optional[str] = "auto",
         kv_cache_refresh_steps: Optional[int] = None,
+        streamer: Optional[Any] = None,
     ) -> Union[DFMPipelineOutput, tuple]:
         """Generate.
 
@@ -250,7 +247,9 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
             gen_length: tokens generated after the prompt (may be 0 when the prompt holds mask tokens).
             num_inference_steps: scheduler steps (an upper bound on model calls); ``nfe`` counts the calls run. A
                 block-diffusion model splits them over each row's blocks (see
-                :mod:`~dfm_hf.pipelines.block_diffusion`).
+                :mod:`~dfm_hf.pipelines.block_diffusion`). Not binding under Fast-dLLM's threshold rule
+                (``ConfidenceUnmaskingScheduler(threshold_rule="top1")``): the scheduler's ``inference_steps`` sets
+                the count, one step per position of a window.
             num_samples_per_prompt: rows per prompt.
             temperature, top_k, top_p: override the scheduler's values for this call.
             generator: one ``torch.Generator``, or one per output row. Row ``b`` of a list reads only
@@ -282,6 +281,9 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
                 within a block, so it is an approximation.
             kv_cache_refresh_steps: with ``kv_cache``, also recompute the cache every ``k`` steps inside a block
                 (default: only when a block opens). ``1`` recomputes it every step (exact up to rounding).
+            streamer: receives the prompt, every draft and the final tokens (transformers' ``TextDiffusionStreamer``
+                protocol: ``put``, ``put_draft`` after each step that ran the model, ``end``; see
+                :mod:`dfm_hf.generation.streamers`).
 
         Every setting is read once, when the call starts: a callback changing the pipeline's attributes (its
         scheduler, ``_guidance_scale``) affects the next call, never the batch layout or sampler of this one.
@@ -336,6 +338,7 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
             callback=callback_on_step_end,
             tensor_inputs=tensor_inputs,
             return_full_text=return_full_text,
+            streamer=streamer,
         )
         if block_size is not None:
             result = generate_blocks(self, cached=cache_mode == "block", **common)
@@ -366,6 +369,7 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
         return_full_text: bool,
         kv_cache: Optional[str],
         kv_cache_refresh_steps: Optional[int],
+        streamer: Optional[Any] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """The sampling loop of a full-attention model: ``(sample, keep, generated, nfe)`` (host tensors)."""
         callback_on_step_end = callback
@@ -378,13 +382,18 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
             sample[generated] = uniform_tokens_at(counts, vocab, scheduler.config.mask_token_id, generator, "cpu")
         sample, condition = sample.to(device), condition.to(device)
         attention = attention.to(device) if padded else None
-        scheduler.set_timesteps(num_inference_steps, device=device)
+        positions, block_length = int(generated.sum(1).max()), scheduler.config.get("block_length")
+        self._num_timesteps = scheduler.inference_steps(num_inference_steps, positions, block_length)
+        scheduler.set_timesteps(self._num_timesteps, device=device)
         drop = condition & attention.bool() if padded else condition  # given tokens: masked when unconditional
         runner = ModelRunner(
             self.model, self.mask_token_id, attention, drop, skip_idle_steps, use_logits_to_keep, guidance_scale
         )
         kv_state = BlockCacheState(kv_cache, kv_cache_refresh_steps) if kv_cache else None
-        for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
+        first = int(generated.any(0).nonzero()[0])  # the streamed canvas: from the first column a row generates
+        feed = DraftFeed(streamer, self._pad_id())
+        feed.put(sample[:, :first])
+        for i, t in timesteps_with_editing(scheduler, self.progress_bar(scheduler.timesteps)):  # then editing passes
             plan = scheduler.plan_step(sample, t, generator=generator, condition_mask=condition)
             if kv_state is not None:
                 logits = runner.cached_logits(sample, plan, kv_state)
@@ -395,6 +404,9 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
             ).prev_sample
             del logits  # release this step's logits now: otherwise they stay alive through the next forward pass
             sample = run_step_callback(callback_on_step_end, self, i, t, sample, condition, tensor_inputs)
+            feed.draft(sample[:, first:], runner.nfe)
+        feed.put(sample[:, first:])
+        feed.end()
         keep = (attention.bool() if padded else torch.ones_like(condition)) if return_full_text else generated
         return sample.cpu(), keep.cpu(), generated.cpu(), runner.nfe
 
@@ -426,9 +438,10 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
 
     def _scheduler_for_call(self, temperature: Any, top_k: Any, top_p: Any) -> Any:
         if not isinstance(self.scheduler, (DiscreteFlowScheduler, ConfidenceUnmaskingScheduler)):
-            raise ValueError(
-                "`scheduler` must be a DiscreteFlowScheduler or ConfidenceUnmaskingScheduler, "
-                f"got {type(self.scheduler).__name__}."
+            config = self.model.config  # a diffusers discrete scheduler runs through an adapter (foreign_schedulers)
+            block_size = getattr(config, "block_size", None)
+            return adapt_scheduler(
+                self.scheduler, self.mask_token_id, config.vocab_size, block_size, temperature, top_k, top_p
             )
         overrides = {
             k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)) if v is not None

@@ -25,9 +25,12 @@ from ..conversion import (
     load_causal_lm_tokenizer,
     load_released_model,
     new_mask_token_id,
+    pop_model_quantization,
+    quantize_model,
     read_config_dict,
     resolve_folder,
 )
+from ..models.loading import ACCEPTED_QUANTIZATION, check_quantization_config
 from ..schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
 
 #: Files a released-model download fetches.
@@ -79,7 +82,109 @@ RELEASED_PRESET_SPECS: dict[str, dict[str, tuple[type, dict[str, Any], str]]] = 
             "DFM Euler sampler with a linear kappa; temperature 0.2, top_p 0.95.",
         ),
     },
+    "sdar": {
+        "sdar-greedy": (
+            ConfidenceUnmaskingScheduler,
+            dict(remasking="low_confidence", temperature=0.0),
+            "SDAR's greedy evaluation sampler (paper '(G)', static): blocks of the model's block_size, k = block / "
+            "steps positions a step by confidence (the arg-max's probability); pass num_inference_steps = steps per "
+            "block (SDAR: block_size) times the blocks generated.",
+        ),
+        "sdar-dynamic": (
+            ConfidenceUnmaskingScheduler,
+            dict(remasking="low_confidence", temperature=0.0, confidence_threshold=0.95),
+            "SDAR's dynamic decoding, threshold 0.95: every masked position above it if at least k are, else the "
+            "top k (the same steps as sdar-greedy, fewer model calls).",
+        ),
+        "sdar-sampling": (
+            ConfidenceUnmaskingScheduler,
+            dict(remasking="low_confidence", temperature=1.0),
+            "SDAR's sampling decoding (paper '(S)'): tokens drawn at temperature 1 (no top-k / top-p), ranked by "
+            "their probability.",
+        ),
+    },
+    "fast_dllm_v2": {
+        "fast-dllm-v2": (
+            ConfidenceUnmaskingScheduler,
+            dict(
+                remasking="low_confidence",
+                temperature=0.0,
+                confidence_threshold=0.9,
+                threshold_rule="top1",
+                sub_block_length=8,
+                autoregressive_first_token=True,
+            ),
+            "Fast-dLLM v2's sampler as its chatbot and evaluation run it: blocks of bd_size (32), the first token "
+            "of a block decoded autoregressively, then sub-blocks of 8 left to right, each step committing the "
+            "most confident position plus every one above 0.9; num_inference_steps is not binding.",
+        ),
+        "fast-dllm-v2-threshold-0.95": (
+            ConfidenceUnmaskingScheduler,
+            dict(
+                remasking="low_confidence",
+                temperature=0.0,
+                confidence_threshold=0.95,
+                threshold_rule="top1",
+                sub_block_length=8,
+                autoregressive_first_token=True,
+            ),
+            "The same with its batch sampler's default threshold, 0.95.",
+        ),
+    },
+    "llada2": {
+        "llada2-threshold-0.95": (
+            ConfidenceUnmaskingScheduler,
+            dict(remasking="low_confidence", temperature=0.0, confidence_threshold=0.95),
+            "LLaDA2.0's generate() defaults: greedy, blocks of 32, 32 steps a block (pass num_inference_steps = 32 "
+            "times the blocks generated), each step committing every masked position above 0.95 if at least k are, "
+            "else the top k.",
+        ),
+        "llada2-threshold-0.7": (
+            ConfidenceUnmaskingScheduler,
+            dict(remasking="low_confidence", temperature=0.0, confidence_threshold=0.7),
+            "The same at LLaDA2.1's threshold, 0.7, without token editing.",
+        ),
+        "llada21-editing": (
+            ConfidenceUnmaskingScheduler,
+            dict(
+                remasking="low_confidence",
+                temperature=0.0,
+                confidence_threshold=0.7,
+                editing_threshold=0.5,
+                max_post_steps=16,
+            ),
+            "LLaDA2.1's sampler (quality mode): threshold 0.7 plus token editing, committed tokens of the open block "
+            "replaced where a different arg-max has probability above 0.5, with up to 16 editing passes once its "
+            "masks are gone.",
+        ),
+    },
+    "bd3lm": {
+        "bd3lm-first-hitting": (
+            ConfidenceUnmaskingScheduler,
+            dict(remasking="random", temperature=1.0, top_p=0.9),
+            "BD3-LM's sampler as its generation scripts run it (first_hitting, nucleus_p 0.9, KV cache), with "
+            "num_inference_steps = block_size x blocks: each step reveals one uniformly chosen masked position of "
+            "the open block, drawn at temperature 1 from the top-p 0.9 nucleus. Its own loop also stops on its "
+            "entropy / EOS checks, which this does not.",
+        ),
+        "bd3lm-ddpm": (
+            DiscreteFlowScheduler,
+            dict(kappa_schedule="polynomial", kappa_exponent=1.0, corrector_alpha=0.0, top_p=0.9),
+            "BD3-LM's first_hitting=False update: each masked position revealed with probability (t - s) / t, "
+            "the DFM Euler sampler with a linear kappa, block by block; top-p 0.9.",
+        ),
+    },
+    "mdlm": {
+        "mdlm-ddpm": (
+            DiscreteFlowScheduler,
+            dict(kappa_schedule="polynomial", kappa_exponent=1.0, corrector_alpha=0.0),
+            "MDLM's ddpm_cache sampler: each masked position revealed with probability (t - s) / t at temperature "
+            "1, the DFM Euler sampler with a linear kappa.",
+        ),
+    },
 }
+#: Where a BD3-LM / MDLM tokenizer comes from when the checkpoint has none (their code uses GPT-2's).
+DIT_TOKENIZER_REPO = "openai-community/gpt2"
 
 
 def family_scheduler_presets(family: str, mask_token_id: int, vocab_size: Optional[int]) -> dict[str, Any]:
@@ -139,6 +244,30 @@ def set_mask_token(tokenizer: Any, mask_token_id: int, where: str) -> Any:
     return tokenizer
 
 
+def _check_released_quantization(quantization_config: Any, name: str) -> Any:
+    """``quantization_config`` checked for a model converted on load (:func:`check_quantization_config`); diffusers'
+    ``PipelineQuantizationConfig`` is refused (there is no saved pipeline to map: pass the transformers config)."""
+    from diffusers import PipelineQuantizationConfig
+
+    if isinstance(quantization_config, PipelineQuantizationConfig):
+        raise ValueError(
+            f"`quantization_config` for {name!r} (converted on load) must be the model's own: "
+            f"{ACCEPTED_QUANTIZATION}; a diffusers PipelineQuantizationConfig applies to saved pipelines only."
+        )
+    return check_quantization_config(quantization_config)
+
+
+def dit_tokenizer(folder: str, mask_token_id: int, **hub_kwargs: Any) -> Any:
+    """A BD3-LM / MDLM tokenizer: the folder's, else GPT-2's (:data:`DIT_TOKENIZER_REPO`, what their code uses),
+    with ``[MASK]`` added when the mask id is the first id past it (their mask token is the vocabulary's last id)."""
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        folder = resolve_folder(DIT_TOKENIZER_REPO, TOKENIZER_ALLOW_PATTERNS, "tokenizer", **hub_kwargs)
+    tokenizer = load_tokenizer(folder)
+    if mask_token_id == len(tokenizer):
+        tokenizer.add_special_tokens({"mask_token": "[MASK]"})
+    return tokenizer
+
+
 def released_pipeline_components(
     path_or_repo_id: Union[str, os.PathLike],
     *,
@@ -154,12 +283,14 @@ def released_pipeline_components(
     max_memory: Any = None,
     attn_implementation: Optional[str] = None,
     allow_pickle: bool = False,
+    quantization_config: Any = None,
     **model_kwargs: Any,
 ) -> dict[str, Any]:
     """``{"model", "tokenizer", "scheduler", "scheduler_presets"}`` for a LLaDA / Dream / DiffuCoder folder or repo.
 
     - ``model``: the checkpoint converted on load (:func:`dfm_hf.conversion.load_released_model`: strict,
-      ``dtype`` / ``device_map`` honoured; default dtype: the checkpoint's).
+      ``dtype`` / ``device_map`` honoured; default dtype: the checkpoint's; ``quantization_config``, a transformers
+      ``TorchAoConfig`` or ``BitsAndBytesConfig``, quantizes its linear weights as they are read).
     - ``tokenizer``: the repo's ``AutoTokenizer`` (no remote code), its mask token set to the model's mask id where it
       lacks it.
     - ``scheduler``: the family default (LLaDA: greedy low-confidence unmasking in blocks of 32; Dream: entropy
@@ -175,6 +306,7 @@ def released_pipeline_components(
     """
     del allow_pickle
     name = str(path_or_repo_id)
+    quantization_config = _check_released_quantization(quantization_config, name)
     folder = resolve_folder(
         name,
         RELEASED_ALLOW_PATTERNS,
@@ -196,11 +328,15 @@ def released_pipeline_components(
         device_map=device_map,
         max_memory=max_memory,
         attn_implementation=attn_implementation,
+        quantization_config=quantization_config,
         **model_kwargs,
     )
     model.config._name_or_path = name
-    mask_token_id = model.config.mask_token_id
-    tokenizer = set_mask_token(load_tokenizer(folder, family), mask_token_id, f"{family} model {name!r}")
+    mask_token_id, tokenizer = model.config.mask_token_id, None
+    if family in ("bd3lm", "mdlm"):
+        hub = dict(cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        tokenizer = dit_tokenizer(folder, mask_token_id, **hub)
+    tokenizer = set_mask_token(tokenizer or load_tokenizer(folder, family), mask_token_id, f"{family} model {name!r}")
     presets = family_scheduler_presets(family, mask_token_id, model.config.vocab_size)
     default = next(iter(presets.values()))
     scheduler = type(default).from_config(default.config)
@@ -236,6 +372,10 @@ def causal_lm_pipeline_components(
 
     check_block_size(block_size)
     source = pretrained_model_name_or_path_or_model
+    quantization = load_kwargs.get("quantization_config")
+    if quantization is not None:
+        load_kwargs["quantization_config"] = check_quantization_config(quantization, gguf_source=True)
+    quantization = pop_model_quantization(load_kwargs)
     if isinstance(source, PreTrainedModel):
         if load_kwargs:
             raise TypeError(f"load keyword arguments {sorted(load_kwargs)} need a path or repo id, not a model.")
@@ -261,6 +401,9 @@ def causal_lm_pipeline_components(
         DFMForMaskedGeneration, source_model, mask_token_id=mask_token_id, real_vocab_size=new_id, block_size=block_size
     )
     where = f"causal LM {str(getattr(source_model.config, '_name_or_path', '') or type(source_model).__name__)!r}"
+    if quantization is not None:
+        del source_model, source  # the converted model holds the weights alone: quantizing frees them as it goes
+        model = quantize_model(model, quantization)
     if new_id is not None:
         tokenizer.add_special_tokens({"mask_token": mask_token})
         if tokenizer.mask_token_id != new_id:
@@ -274,9 +417,11 @@ def causal_lm_pipeline_components(
 
 
 __all__ = [
+    "DIT_TOKENIZER_REPO",
     "RELEASED_ALLOW_PATTERNS",
     "RELEASED_PRESET_SPECS",
     "causal_lm_pipeline_components",
+    "dit_tokenizer",
     "family_scheduler_presets",
     "load_tokenizer",
     "released_pipeline_components",

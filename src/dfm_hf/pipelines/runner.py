@@ -94,17 +94,20 @@ class ModelRunner(GuidedRunner):
         return self._combine(self._forward(ids, rows, plan).logits)[needs]
 
     def cached_logits(self, sample: torch.Tensor, plan: StepPlan, state: BlockCacheState) -> torch.Tensor:
-        """Packed logits at ``plan.positions`` from a partial forward of the open window against the cache
-        (refreshed first when a window opened or the cache is ``refresh_steps`` old)."""
+        """Packed logits at ``plan.positions``: from the full forward that refreshes the cache when a window opened or
+        the cache is ``refresh_steps`` old (it sees the current tokens, so it serves the step: one forward), else
+        from a partial forward of the open window against the cache."""
         if not any(plan.counts):
             return self._empty(sample)
         rows = slice(None)
         if state.needs_refresh(plan.window_index):
-            ids = self._inputs(sample, self.drop)
-            nothing = torch.zeros_like(ids, dtype=torch.bool)
             cache = DFMBlockCache()
-            self._forward(ids, rows, plan, past_key_values=cache, use_cache=True, logits_to_keep=nothing)
-            state.refreshed(cache, plan.window_index)
+            ids = self._inputs(sample, self.drop)
+            keep = self._twice(plan.positions)
+            out = self._forward(ids, rows, plan, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+            state.refreshed(cache, plan.window_index, age=1)  # one step old once this step commits
+            return self._combine(out.logits)
+        state.age += 1
         query = query_positions(plan.window, state.mode, self.shift)
         keep = keep_in_slice(plan.positions, query)
         ids = self._inputs(sample.gather(1, query), self.drop.gather(1, query))
@@ -116,7 +119,6 @@ class ModelRunner(GuidedRunner):
             past_key_values=state.cache,  # rewritten in place at the query positions, before they are read
             logits_to_keep=self._twice(keep),
         )
-        state.age += 1
         return self._combine(out.logits)
 
 

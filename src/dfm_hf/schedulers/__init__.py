@@ -10,6 +10,7 @@ _EXPORTS = {
     "ConfidenceUnmaskingSchedulerOutput": ".scheduling_confidence",
     "DiscreteFlowScheduler": ".scheduling_discrete_flow",
     "DiscreteFlowSchedulerOutput": ".scheduling_discrete_flow",
+    "DiscreteSchedulerOutput": ".diffusers_convention",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -2,7 +2,7 @@
 ``scheduler_presets/<name>/scheduler_config.json``.
 
 The shipped presets (:data:`PRESET_SPECS`), the classes a preset may name (:data:`PRESET_CLASSES`), and reading and
-writing preset folders. Only the dfm_hf scheduler classes are ever instantiated from a config file.
+writing preset folders. Only the classes of :data:`PRESET_CLASSES` are ever instantiated from a config file.
 """
 
 from __future__ import annotations
@@ -11,13 +11,25 @@ import json
 import os
 from typing import Any
 
+from diffusers import BlockRefinementScheduler, DiscreteDDIMScheduler, EntropyBoundScheduler
+
 from .scheduling_confidence import ConfidenceUnmaskingScheduler
 from .scheduling_discrete_flow import DiscreteFlowScheduler
 
 #: Folder of a pipeline (local or Hub repo) that holds one ``<name>/scheduler_config.json`` per preset.
 PRESETS_DIR = "scheduler_presets"
-#: class name -> class: the only scheduler classes a preset config may name.
-PRESET_CLASSES: dict[str, type] = {c.__name__: c for c in (DiscreteFlowScheduler, ConfidenceUnmaskingScheduler)}
+#: class name -> class: the only scheduler classes a preset config may name (ours, and diffusers' discrete
+#: schedulers, which DFMPipeline runs through ``dfm_hf.pipelines.foreign_schedulers``).
+PRESET_CLASSES: dict[str, type] = {
+    c.__name__: c
+    for c in (
+        DiscreteFlowScheduler,
+        ConfidenceUnmaskingScheduler,
+        BlockRefinementScheduler,
+        EntropyBoundScheduler,
+        DiscreteDDIMScheduler,
+    )
+}
 
 #: name -> (class, config overrides, what it is good for)
 PRESET_SPECS: dict[str, tuple[type, dict[str, Any], str]] = {
@@ -45,6 +57,18 @@ PRESET_SPECS: dict[str, tuple[type, dict[str, Any], str]] = {
         ConfidenceUnmaskingScheduler,
         dict(remasking="low_confidence", temperature=0.0, block_length=32),
         "LLaDA's semi-autoregressive greedy unmasking in blocks of 32: reads logits in the open block only (fast).",
+    ),
+    "fast-dllm-threshold": (
+        ConfidenceUnmaskingScheduler,
+        dict(
+            remasking="low_confidence",
+            temperature=0.0,
+            block_length=32,
+            confidence_threshold=0.9,
+            threshold_rule="top1",
+        ),
+        "Fast-dLLM's threshold decoding, greedy, blocks of 32: each step the most confident position and every one "
+        "above 0.9, as many steps as a block needs; pair with kv_cache='dual'.",
     ),
 }
 
@@ -76,8 +100,8 @@ def preset_names_in_folder(folder: str) -> list[str]:
 def load_presets_from_folder(folder: str) -> dict[str, Any]:
     """Read every ``scheduler_presets/<name>/scheduler_config.json`` of a pipeline folder.
 
-    Only dfm_hf scheduler classes are instantiated; any other ``_class_name`` is refused (a config never names code
-    to run).
+    Only the classes of :data:`PRESET_CLASSES` are instantiated; any other ``_class_name`` is refused (a config
+    never names code to run).
     """
     return {
         name: scheduler_from_config_file(os.path.join(folder, PRESETS_DIR, name, "scheduler_config.json"))
@@ -86,7 +110,8 @@ def load_presets_from_folder(folder: str) -> dict[str, Any]:
 
 
 def scheduler_from_config_file(path: str) -> Any:
-    """Instantiate the dfm_hf scheduler a ``scheduler_config.json`` names (``ValueError`` for anything else)."""
+    """Instantiate the scheduler of :data:`PRESET_CLASSES` a ``scheduler_config.json`` names (``ValueError`` for
+    anything else)."""
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     if not isinstance(config, dict):

@@ -1,19 +1,27 @@
 """Shared sampling utilities of the schedulers: logit processing and exact categorical draws from logit rows.
 
 Every random number comes from :mod:`dfm_hf.rng` (the generator's device, per-row generators; see its docstring).
+The logit rows a step reads are processed in chunks of rows (:class:`LogitRows`), so a step's extra memory does not
+grow with the number of positions it reads.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Optional
+from collections.abc import Iterator, Sequence
+from typing import Optional, Union
 
 import torch
 
 from ..rng import GeneratorLike, draw_rows, per_row, row_counts
 
 SAMPLING_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+#: Device types without float64 arithmetic: a float64 ``sampling_dtype`` falls back to float32 there.
+NO_FLOAT64_DEVICE_TYPES = ("mps",)
+
+#: Device types where :func:`grouped_max_and_argmax` beats ``torch.max(dim)`` (elsewhere the plain reduction is used).
+GROUPED_ARGMAX_DEVICE_TYPES = ("cpu",)
 
 
 def check_sampling_dtype(sampling_dtype: object) -> None:
@@ -22,7 +30,16 @@ def check_sampling_dtype(sampling_dtype: object) -> None:
         raise ValueError(f"`sampling_dtype` must be one of {list(SAMPLING_DTYPES)}, got {sampling_dtype!r}.")
 
 
-#: Largest (rows, vocab) temporary :func:`sample_rows` builds at once (it samples row chunks of this size).
+def resolve_sampling_dtype(dtype: torch.dtype, device: Union[str, torch.device]) -> torch.dtype:
+    """The dtype a step on ``device`` draws and computes probabilities in: ``dtype``, except float64 on a device type
+    of :data:`NO_FLOAT64_DEVICE_TYPES` (Apple's MPS), which gives float32."""
+    if dtype == torch.float64 and torch.device(device).type in NO_FLOAT64_DEVICE_TYPES:
+        return torch.float32
+    return dtype
+
+
+#: Largest (rows, vocab) temporary a chunked step builds at once (:meth:`LogitRows.chunks`; a scheduler's
+#: ``chunk_bytes``).
 CHUNK_BYTES = 32 * 1024 * 1024
 
 #: Largest (rows, vocab) temporary :func:`greedy_with_log_probability` builds at once (small enough for the caches).
@@ -75,18 +92,19 @@ def process_logits(
     return log_probs
 
 
-#: Column group width of :func:`max_and_argmax` (it reduces groups with ``amax``, then searches one group per row).
+#: Column group width of :func:`grouped_max_and_argmax` (it reduces groups with ``amax``, then searches one group).
 ARGMAX_GROUP = 128
 
 
-def max_and_argmax(x: torch.Tensor, skip: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def grouped_max_and_argmax(x: torch.Tensor, skip: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(max, first index of the max)`` of each (K, V) row of ``x`` over every column but ``skip``: ``x.max(-1)``.
 
     ``torch.max(dim)`` / ``torch.argmax`` on CPU run several times slower than ``amax`` over the same rows (they
     dominated a greedy step at a 32k vocabulary), so the columns are cut into groups of :data:`ARGMAX_GROUP`: one
     ``amax`` gives the group maxima (the group holding ``skip`` is reduced again without it), their max is the row's,
     and only the first group holding it is searched. Ties resolve to the first index, as ``argmax`` does; NaN
-    propagates into the max (not from the ``skip`` column). ``x`` is not copied.
+    propagates into the max (not from the ``skip`` column; the index of such a row is unspecified). ``x`` is not
+    copied.
     """
     rows, width = x.shape
     full = (width // ARGMAX_GROUP) * ARGMAX_GROUP
@@ -108,6 +126,37 @@ def max_and_argmax(x: torch.Tensor, skip: Optional[int] = None) -> tuple[torch.T
     if skip is not None:
         hit &= cols != skip
     return maximum, start + hit.to(torch.uint8).argmax(-1)
+
+
+def plain_max_and_argmax(x: torch.Tensor, skip: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`grouped_max_and_argmax` by ``torch.max(dim)`` over the columns left and right of ``skip`` (no copy of
+    ``x``): the same values, and the same indices on every row whose max is not NaN (ties to the first index;
+    ``-inf`` and index 0 for a row with no column but ``skip``)."""
+    rows, width = x.shape
+    if skip is None:
+        value, index = x.max(-1)
+        return value, index
+    if width == 1:
+        return x.new_full((rows,), -math.inf), torch.zeros(rows, dtype=torch.long, device=x.device)
+    if skip == 0:
+        value, index = x[:, 1:].max(-1)
+        return value, index + 1
+    left_value, left_index = x[:, :skip].max(-1)
+    if skip == width - 1:
+        return left_value, left_index
+    right_value, right_index = x[:, skip + 1 :].max(-1)
+    # the left maximum wins ties and NaN; a NaN on the right makes ``left >= right`` False, so it propagates too
+    left = (left_value >= right_value) | left_value.isnan()
+    return torch.where(left, left_value, right_value), torch.where(left, left_index, right_index + skip + 1)
+
+
+def max_and_argmax(x: torch.Tensor, skip: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(max, first index of the max)`` of each (K, V) row of ``x`` over every column but ``skip``: the grouped
+    reduction (:func:`grouped_max_and_argmax`) on a device type of :data:`GROUPED_ARGMAX_DEVICE_TYPES`, where it is
+    faster, and :func:`plain_max_and_argmax` elsewhere (both give the same result)."""
+    if x.device.type in GROUPED_ARGMAX_DEVICE_TYPES:
+        return grouped_max_and_argmax(x, skip)
+    return plain_max_and_argmax(x, skip)
 
 
 def greedy_with_log_probability(
@@ -156,21 +205,6 @@ def inverse_cdf(log_probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1).clamp_(max=log_probs.shape[1] - 1)
 
 
-def draw_categorical(
-    log_probs: torch.Tensor, counts: Optional[Sequence[int]], generator: GeneratorLike
-) -> torch.Tensor:
-    """One draw per row of (K, vocab) ``log_probs``; rows are grouped by batch row as ``counts`` says.
-
-    Exact inverse-CDF sampling (:func:`inverse_cdf`) in the dtype of ``log_probs``, reading one uniform number per
-    row (``torch.multinomial`` draws one exponential number per vocabulary entry, which dominated the cost of a step
-    at a 32k vocabulary). With a list of generators, the rows of batch row ``b`` (``counts[b]`` of them, in order)
-    use ``generator[b]``.
-    """
-    counts = [log_probs.shape[0]] if counts is None else counts
-    u = draw_rows(counts, generator, log_probs.device, log_probs.dtype)[:, 0]
-    return inverse_cdf(log_probs, u)
-
-
 def _check_output(
     model_output: torch.Tensor,
     positions: torch.Tensor,
@@ -200,20 +234,86 @@ def _check_output(
         )
 
 
-def rows_of(model_output: torch.Tensor, positions: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor:
-    """The logit rows at the True entries of ``positions`` (row-major), from full or already-packed logits.
+class LogitRows:
+    """The (K, vocab) logit rows a step reads, at the True entries of a (batch, length) bool ``positions`` (row-major),
+    gathered chunk by chunk.
 
-    ``model_output`` is either (batch, length, vocab) logits or the (K, vocab) rows at ``positions`` that a model
-    called with ``logits_to_keep=positions`` returns.
+    ``model_output`` is full (batch, length, vocab) logits or the already-packed (K, vocab) rows at ``positions`` (what
+    a model called with ``logits_to_keep=positions`` returns); both are checked here (``ValueError`` naming
+    ``model_output``). ``counts`` (rows per batch row, when the caller has them) saves a host sync.
     """
-    _check_output(model_output, positions, vocab_size)
-    return model_output[positions] if model_output.dim() == 3 else model_output
+
+    def __init__(
+        self,
+        model_output: torch.Tensor,
+        positions: torch.Tensor,
+        vocab_size: Optional[int],
+        counts: Optional[Sequence[int]] = None,
+    ) -> None:
+        _check_output(model_output, positions, vocab_size, counts)
+        self.model_output = model_output
+        self.positions = positions
+        self._counts = None if counts is None else list(counts)
+        # index: None (every packed row, in order), a (K,) index into the packed rows, or (batch, length) indices
+        self.index: Optional[Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = None
+        if model_output.dim() == 3:
+            self.index = positions.nonzero(as_tuple=True)
+            self.count = self.index[0].numel()
+        else:
+            self.count = model_output.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the logits."""
+        return self.model_output.device
+
+    def counts(self) -> list[int]:
+        """Rows per batch row (python ints; one host sync unless given)."""
+        if self._counts is None:
+            self._counts = row_counts(self.positions)
+        return self._counts
+
+    def select(self, rows: torch.Tensor, positions: torch.Tensor, counts: Optional[Sequence[int]] = None) -> LogitRows:
+        """The rows where the (K,) bool ``rows`` is True (in order): those at the (batch, length) ``positions``
+        (``positions`` = the True entries of ``self.positions`` that ``rows`` keeps; ``counts``, their number per batch
+        row, when the caller has them)."""
+        subset = LogitRows.__new__(LogitRows)
+        subset.model_output = self.model_output
+        subset.positions = positions
+        subset._counts = None if counts is None else list(counts)
+        if isinstance(self.index, tuple):
+            subset.index = (self.index[0][rows], self.index[1][rows])
+            subset.count = subset.index[0].numel()
+        else:
+            picked = rows.nonzero().squeeze(1)
+            subset.index = picked if self.index is None else self.index[picked]
+            subset.count = subset.index.numel()
+        return subset
+
+    def all(self) -> torch.Tensor:
+        """Every row at once (a view of packed logits; a gathered copy of full ones)."""
+        return self._gather(0, self.count)
+
+    def _gather(self, start: int, stop: int) -> torch.Tensor:
+        if self.index is None:
+            return self.model_output[start:stop]
+        if isinstance(self.index, tuple):
+            return self.model_output[self.index[0][start:stop], self.index[1][start:stop]]
+        return self.model_output[self.index[start:stop]]
+
+    def chunks(self, dtype: torch.dtype, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(start, stop, rows[start:stop])`` over consecutive row chunks whose (rows, vocab) temporaries in ``dtype``
+        stay within ``chunk_bytes`` each (at least one row per chunk); a row-wise computation over the chunks gives
+        the unchunked result exactly."""
+        width = self.model_output.shape[-1] * torch.finfo(dtype).bits // 8
+        step = max(1, chunk_bytes // max(width, 1))
+        for start in range(0, self.count, step):
+            stop = min(start + step, self.count)
+            yield start, stop, self._gather(start, stop)
 
 
 def sample_rows(
-    model_output: torch.Tensor,
-    positions: torch.Tensor,
-    vocab_size: Optional[int],
+    rows: LogitRows,
     generator: GeneratorLike,
     temperature: float = 1.0,
     top_k: Optional[int] = None,
@@ -221,35 +321,18 @@ def sample_rows(
     forbidden_token_id: Optional[int] = None,
     dtype: torch.dtype = torch.float64,
     chunk_bytes: int = CHUNK_BYTES,
-    counts: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
-    """``draw_categorical(process_logits(rows_of(...)))`` at the True entries of ``positions``, in chunks of rows.
+    """One draw ``x ~ softmax(filter(logits / temperature))`` per row of ``rows`` (:func:`process_logits`, then the
+    exact :func:`inverse_cdf` draw), in chunks of rows.
 
-    The same draws as the unchunked composition (one uniform per row, drawn up front in row-major order; every
-    operation is row-wise), but the (K, vocab) temporaries in ``dtype`` never exceed ``chunk_bytes`` each, and with
-    full (batch, length, vocab) logits the rows are gathered chunk by chunk, so the step's extra memory does not grow
-    with the number of positions it reads. ``counts`` (rows per batch row, when the caller has them) saves a host
-    sync.
+    One uniform number per row is drawn up front in row-major order (with a list of generators, the rows of batch row
+    ``b`` read ``generator[b]``); every operation is row-wise, so the draws equal the unchunked composition's, while
+    the (rows, vocab) temporaries in ``dtype`` never exceed ``chunk_bytes`` each.
     """
-    _check_output(model_output, positions, vocab_size, counts)
-    device = model_output.device
-    if model_output.dim() == 3:
-        index = positions.nonzero(as_tuple=True)
-        count = index[0].numel()
-    else:
-        index, count = None, model_output.shape[0]
-    if counts is None:
-        counts = row_counts(positions) if per_row(generator) else [count]
-    u = draw_rows(counts, generator, device, dtype)[:, 0]
-    out = torch.empty(count, dtype=torch.long, device=device)
-    width = model_output.shape[-1] * torch.finfo(dtype).bits // 8
-    step = max(1, chunk_bytes // max(width, 1))
-    for start in range(0, count, step):
-        stop = min(start + step, count)
-        if index is None:
-            rows = model_output[start:stop]
-        else:
-            rows = model_output[index[0][start:stop], index[1][start:stop]]
-        log_probs = process_logits(rows, temperature, top_k, top_p, forbidden_token_id, dtype)
+    counts = rows.counts() if per_row(generator) else [rows.count]
+    u = draw_rows(counts, generator, rows.device, dtype)[:, 0]
+    out = torch.empty(rows.count, dtype=torch.long, device=rows.device)
+    for start, stop, chunk in rows.chunks(dtype, chunk_bytes):
+        log_probs = process_logits(chunk, temperature, top_k, top_p, forbidden_token_id, dtype)
         out[start:stop] = inverse_cdf(log_probs, u[start:stop])
     return out

@@ -54,13 +54,29 @@ what the schedule needs to finish within ``N`` steps): blocks fill faster, the s
 no logits (the pipeline runs no model there), and ``num_inference_steps`` becomes an upper bound on the model calls.
 For ``"probability"`` the threshold is a probability; for ``"margin"`` a probability gap; for ``"entropy"`` a
 negative entropy (<= 0).
+
+``threshold_rule`` says what the threshold is added to. ``"schedule"`` (default) is the rule above: the ``k`` of the
+transfer schedule plus every position above ``tau``. ``"top1"`` is Fast-dLLM's rule: a step commits
+
+    ``C = {argmax_j c_j} | {j : c_j > tau}``
+
+over the ranked positions ``j`` of the row (the single most confident one plus every one above ``tau``), and
+``num_inference_steps`` is not binding: a window takes as many steps as it needs, at most one per position.
+:meth:`inference_steps` tells the pipeline how many steps to run for that (one per position of the widest window,
+times the windows); a window whose positions are all committed reads no logits for the rest of its steps. It is the
+``"even"`` count ``k = ceil(m / steps_left)`` on such a grid (``m <= steps_left`` at every step, so ``k = 1``; should a
+callback re-mask positions, the window's last step still commits all of them), and needs ``confidence_threshold``
+(``transfer_schedule`` None or ``"even"``).
+
+``sub_block_length`` and ``autoregressive_first_token`` give Fast-dLLM v2's order inside a block, its first position
+alone (autoregressive for a ``logits_shift`` model), then sub-blocks left to right (:func:`~.utils.block_order`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -68,22 +84,19 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from .. import paths, rng
-from ..rng import GeneratorLike, check_generator
-from .sampling import (
-    SAMPLING_DTYPES,
-    check_sampling_dtype,
-    draw_categorical,
-    greedy_with_log_probability,
-    process_logits,
-    rows_of,
-)
+from ..rng import GeneratorLike, check_generator, draw_rows
+from .diffusers_convention import DiffusersConventionMixin, DiscreteSchedulerOutput
+from .editing import TokenEditor, validate_editing
+from .sampling import LogitRows, check_sampling_dtype, greedy_with_log_probability, inverse_cdf, process_logits
 from .utils import (
     BlockWindows,
     DFMSchedulerMixin,
     StepPlan,
+    block_order,
     block_windows,
     check_windows,
     validate_block_length,
+    validate_block_order,
     validate_num_inference_steps,
     validate_sampling_args,
 )
@@ -91,6 +104,7 @@ from .utils import (
 REMASKING = ("low_confidence", "random")
 CONFIDENCES = ("probability", "margin", "entropy")
 TRANSFER_SCHEDULES = ("even", "fixed", "dream")
+THRESHOLD_RULES = ("schedule", "top1")
 
 
 @dataclass
@@ -101,7 +115,7 @@ class ConfidenceUnmaskingSchedulerOutput(BaseOutput):
     pred_original_sample: Optional[torch.LongTensor] = None
 
 
-class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
+class ConfidenceUnmaskingScheduler(DiffusersConventionMixin, DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
     """Confidence-ordered unmasking for the mask source (MaskGIT / LLaDA / Dream / Fast-dLLM; module docstring).
 
     Config: ``mask_token_id`` (required), ``vocab_size``, ``remasking`` (``"low_confidence"`` | ``"random"``),
@@ -112,7 +126,15 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
     many positions a step commits; module docstring), ``transfer_eps`` (Dream's ``eps`` of the ``"dream"`` schedule,
     in (0, 1)), ``rank_on_processed`` (False: confidence on ``p_{1|t}``; True: on the distribution after temperature,
     top-k and top-p, as Dream), ``alg_temp`` (None or 0: the most confident positions; ``a > 0``: Dream's randomised
-    ranking, positions drawn with probabilities ``softmax(c / a)``).
+    ranking, positions drawn with probabilities ``softmax(c / a)``), ``threshold_rule`` (``"schedule"``: the
+    transfer schedule's ``k`` plus every position above ``confidence_threshold``; ``"top1"``: Fast-dLLM's rule, the
+    most confident position plus every one above it, ``num_inference_steps`` not binding; module docstring),
+    ``sub_block_length`` (None, or Fast-dLLM v2's sub-blocks of that many positions, left to right inside a block)
+    and ``autoregressive_first_token`` (commit a block's first position alone, before the rest of the block; both act
+    on blocks only: ``block_length``, or the blocks of a block-diffusion model),
+    ``editing_threshold`` (None, or LLaDA2.1's token editing: a committed token of the open window is replaced by a
+    different arg-max whose probability exceeds it; :mod:`~dfm_hf.schedulers.editing`) and ``max_post_steps`` (the
+    editing passes allowed once a window's masks are gone).
     """
 
     order = 1
@@ -136,6 +158,11 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         transfer_eps: float = 1e-3,
         rank_on_processed: bool = False,
         alg_temp: Optional[float] = None,
+        threshold_rule: str = "schedule",
+        sub_block_length: Optional[int] = None,
+        autoregressive_first_token: bool = False,
+        editing_threshold: Optional[float] = None,
+        max_post_steps: int = 0,
     ) -> None:
         if source_distribution != "mask":
             raise ValueError(
@@ -168,21 +195,37 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
                     f"got remasking={remasking!r}."
                 )
         _validate_dream_options(transfer_eps, rank_on_processed, alg_temp, remasking, confidence_threshold)
+        _validate_threshold_rule(threshold_rule, confidence_threshold, transfer_schedule)
+        validate_block_order(sub_block_length, autoregressive_first_token)
+        validate_editing(editing_threshold, max_post_steps, remasking, confidence, alg_temp)
+        self.token_editor: Optional[TokenEditor] = None  # LLaDA2.1's token editing (editing.py)
+        if editing_threshold is not None:
+            self.token_editor = TokenEditor(editing_threshold, max_post_steps, mask_token_id)
         self.timesteps: Optional[torch.Tensor] = None
         self.num_inference_steps: Optional[int] = None
         self._times: list[float] = []
         self._step_index: Optional[int] = None
         self._dream_grid: Optional[torch.Tensor] = None
 
-    def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device, None] = None) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int,
+        device: Union[str, torch.device, None] = None,
+        block_length: Optional[int] = None,
+    ) -> None:
         """Uniform grid ``t_i = i / N``; step ``i`` commits ``ceil(masked / (N - i))`` tokens per row (without blocks,
-        under the ``"even"`` transfer schedule; see the module docstring for the others)."""
+        under the ``"even"`` transfer schedule; see the module docstring for the others).
+        ``block_length``: diffusers' per-block calling form (:mod:`~dfm_hf.schedulers.diffusers_convention`).
+        """
         validate_num_inference_steps(num_inference_steps)
+        self._set_block_form(block_length)  # diffusers' per-block form (diffusers_convention)
         self._times = [i / num_inference_steps for i in range(num_inference_steps + 1)]
         self.num_inference_steps = num_inference_steps
         self.timesteps = torch.tensor(self._times[:-1], dtype=torch.float32, device=device)
         self._step_index = None
         self._dream_grid = None
+        if self.token_editor is not None:
+            self.token_editor.reset()
         if self.config.transfer_schedule == "dream":
             self._dream_grid = _dream_grid(num_inference_steps, self.config.transfer_eps)
 
@@ -214,6 +257,8 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
             width = free.sum(1)
             commits = self._commits(needs.sum(1), n - i, width, n, explicit=False)
             needs = self._idle_rows_read_nothing(needs, commits)
+            if self.token_editor is not None:  # committed tokens read for editing (editing.py)
+                needs = needs | self.token_editor.positions(sample, free)
             return StepPlan(i, needs, rng.row_counts(needs), steps_left=n - i, commits=commits, timesteps=t)
         blocks = windows if windows is not None else block_windows(free, self.config.block_length, i, n)
         needs = needs & blocks.window
@@ -222,7 +267,15 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         if windows is not None:  # the caller's blocks: each row's local time
             t = ((i - blocks.first_step) / span).to(torch.float32)
         commits = self._commits(needs.sum(1), steps_left, blocks.width, span, explicit=windows is not None)
+        if self.config.sub_block_length is not None or self.config.autoregressive_first_token:
+            c, length = self.config, None if windows is not None else self.config.block_length
+            needs, first = block_order(
+                needs, free, length, c.sub_block_length, c.autoregressive_first_token, steps_left <= 1
+            )
+            commits = torch.where(first, 1, torch.minimum(commits, needs.sum(1)))
         needs = self._idle_rows_read_nothing(needs, commits)
+        if self.token_editor is not None:  # committed tokens read for editing (editing.py)
+            needs = needs | self.token_editor.positions(sample, free & blocks.window, blocks.num_open)
         return StepPlan(
             i,
             needs,
@@ -242,10 +295,13 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         span: Union[int, torch.Tensor],
         explicit: bool,
     ) -> torch.Tensor:
-        """``k`` per row: ``ceil(m / steps_left)`` ("even"), ``min(m, max(ceil(W / S), ceil(m / steps_left)))``
-        ("fixed": the second term only ever matters when a callback re-masked positions), or Dream's
-        ``floor(m * (1 - t_{j+1} / t_j))`` at local step ``j = S - steps_left`` (``m`` at the last step)."""
+        """``k`` per row: ``ceil(m / steps_left)`` ("even", and ``threshold_rule="top1"``),
+        ``min(m, max(ceil(W / S), ceil(m / steps_left)))`` ("fixed": the second term only ever matters when a
+        callback re-masked positions), or Dream's ``floor(m * (1 - t_{j+1} / t_j))`` at local step
+        ``j = S - steps_left`` (``m`` at the last step)."""
         schedule = self.config.transfer_schedule or ("fixed" if explicit else "even")
+        if self.config.threshold_rule == "top1":
+            schedule = "even"
         if schedule == "dream":
             return self._dream_commits(masked, steps_left, span)
         even = (masked + steps_left - 1) // steps_left
@@ -271,15 +327,33 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         last = torch.as_tensor(steps_left, device=masked.device) <= 1
         return torch.where(last, masked, torch.minimum(k, masked))
 
+    def inference_steps(self, num_inference_steps: int, positions: int, block_length: Optional[int] = None) -> int:
+        """The steps a call runs when ``num_inference_steps`` are asked for rows of at most ``positions`` positions
+        to generate, in windows of ``block_length`` positions (None: one window).
+
+        ``threshold_rule="schedule"``: ``num_inference_steps``. ``"top1"``: one step per position of the widest
+        window, ``W * ceil(positions / W)`` with ``W = min(block_length, positions)``, whatever was asked (each window
+        then gets at least one step per position, and a window ends when its positions are committed).
+        """
+        steps = validate_num_inference_steps(num_inference_steps)
+        if self.config.threshold_rule != "top1":
+            return steps
+        width = positions if block_length is None else min(block_length, positions)
+        width = max(width, 1)
+        return width * -(-max(positions, 1) // width)
+
     def _idle_rows_read_nothing(self, needs: torch.Tensor, commits: torch.Tensor) -> torch.Tensor:
         """Under Dream's schedule a row whose step commits nothing (and has no threshold to apply) reads no logits."""
         if self.config.transfer_schedule != "dream" or self.config.confidence_threshold is not None:
             return needs
         return needs & (commits > 0).unsqueeze(1)
 
-    def _confidence(self, rows: torch.Tensor, generator: GeneratorLike, plan: StepPlan, dtype: torch.dtype):
-        """``(tokens, scores)`` for the (K, vocab) logit rows: the drawn tokens and the ranking score of each row (for
-        ``"probability"`` the log-probability, which ranks like the probability)."""
+    def _confidence(
+        self, rows: LogitRows, generator: GeneratorLike, plan: StepPlan, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens, scores)`` for the logit rows of the step: the drawn tokens and the ranking score of each row (for
+        ``"probability"`` the log-probability, which ranks like the probability). Off the greedy path the rows are
+        read in chunks of at most ``chunk_bytes`` per (rows, vocab) temporary in ``dtype``."""
         c = self.config
         filtered = c.top_k is not None or (c.top_p is not None and c.top_p < 1.0)
         processed = c.rank_on_processed and c.remasking == "low_confidence"
@@ -290,27 +364,25 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
             and not (processed and filtered)
         ):
             # greedy (LLaDA's default): the arg-max and its log-probability, read in float32 (no draw is made)
-            return greedy_with_log_probability(rows, c.mask_token_id)
-        plain = process_logits(rows, 1.0, None, None, c.mask_token_id, dtype)  # the model's log p_{1|t}
+            return greedy_with_log_probability(rows.all(), c.mask_token_id)
         # log q, the distribution the tokens are drawn from (at temperature 0: q at temperature 1, its arg-max drawn)
         differs = filtered or c.temperature not in (0, 1.0)
-        q = plain
-        if differs and (c.temperature != 0 or processed):
-            q = process_logits(rows, c.temperature or 1.0, c.top_k, c.top_p, c.mask_token_id, dtype)
-        tokens = plain.argmax(-1) if c.temperature == 0 else draw_categorical(q, plan.counts, generator)
+        separate_q = differs and (c.temperature != 0 or processed)
+        u = draw_rows(plan.counts, generator, rows.device, dtype)[:, 0] if c.temperature != 0 else None
+        tokens = torch.empty(rows.count, dtype=torch.long, device=rows.device)
+        scores = torch.empty(rows.count, dtype=dtype, device=rows.device)
+        for start, stop, chunk in rows.chunks(dtype, self.chunk_bytes):
+            plain = process_logits(chunk, 1.0, None, None, c.mask_token_id, dtype)  # the model's log p_{1|t}
+            q = plain
+            if separate_q:
+                q = process_logits(chunk, c.temperature or 1.0, c.top_k, c.top_p, c.mask_token_id, dtype)
+            drawn = plain.argmax(-1) if u is None else inverse_cdf(q, u[start:stop])
+            tokens[start:stop] = drawn
+            if c.remasking != "random":
+                scores[start:stop] = _score(q if processed else plain, drawn, c.confidence)
         if c.remasking == "random":
-            return tokens, rng.rand_at(plan.positions, generator, dtype=dtype, counts=plan.counts).squeeze(-1)[
-                plan.positions
-            ]
-        ranked = q if processed else plain
-        if c.confidence == "probability":
-            return tokens, ranked.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        if c.confidence == "margin":
-            top2 = ranked.topk(min(2, ranked.shape[-1]), dim=-1).values.exp()
-            second = top2[:, 1] if top2.shape[-1] > 1 else torch.zeros_like(top2[:, 0])
-            return tokens, top2[:, 0] - second
-        probs = ranked.exp()
-        return tokens, (probs * ranked.masked_fill(probs == 0, 0.0)).sum(-1)
+            return tokens, draw_rows(plan.counts, generator, rows.device, dtype)[:, 0]
+        return tokens, scores
 
     def step(
         self,
@@ -321,16 +393,22 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         return_dict: bool = True,
         condition_mask: Optional[torch.Tensor] = None,
         plan: Optional[StepPlan] = None,
-    ) -> Union[ConfidenceUnmaskingSchedulerOutput, tuple]:
+        **options: Any,
+    ) -> Union[ConfidenceUnmaskingSchedulerOutput, DiscreteSchedulerOutput, tuple]:
         """Commit the ``k`` most confident draws per row (and, with ``confidence_threshold``, every draw above it).
 
         ``model_output`` is full (batch, length, vocab) logits or the packed rows at ``plan.positions``.
+
+        A call with diffusers' ``options`` (``mask_token_id=``, ``temperature=``, ...; an ``int`` step index) runs
+        :meth:`diffusers_step` (:mod:`~dfm_hf.schedulers.diffusers_convention`).
         """
         c = self.config
+        if self._is_diffusers_call(timestep, condition_mask, plan, options):  # diffusers' form (diffusers_convention)
+            return self.diffusers_step(model_output, timestep, sample, generator, return_dict, **options)
         plan = self._plan_for_step(plan, sample, timestep, generator, condition_mask)
         needs = plan.positions
-        rows = rows_of(model_output, needs, c.vocab_size)
-        dtype = SAMPLING_DTYPES[c.sampling_dtype]
+        rows = LogitRows(model_output, needs, c.vocab_size, plan.counts)
+        dtype = self._step_dtype(sample.device)
         tokens, scores = self._confidence(rows, generator, plan, dtype)
         if c.alg_temp and c.remasking == "low_confidence":  # Dream's randomised ranking, as a Gumbel top-k
             value = scores.to(dtype).exp() if c.confidence == "probability" else scores.to(dtype)
@@ -338,6 +416,8 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
             scores = value / c.alg_temp - (-u.clamp_min(torch.finfo(dtype).tiny).log()).log()
         conf = torch.full(sample.shape, -math.inf, dtype=dtype, device=sample.device)
         conf[needs] = scores.to(dtype)
+        editable = needs & (sample != c.mask_token_id)  # committed tokens read for editing: never ranked
+        edit_conf, conf = conf, conf.masked_fill(editable, -math.inf)
         if plan.commits is not None:
             k = plan.commits
         else:
@@ -348,9 +428,12 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
             if c.confidence == "probability":  # scores are log-probabilities
                 tau = math.log(tau) if tau > 0 else -math.inf
             commit = commit | (needs & (conf > tau))
+        commit = commit & ~editable
         drawn = sample.clone()
         drawn[needs] = tokens
         new = torch.where(commit, drawn, sample)
+        if self.token_editor is not None:
+            new = self.token_editor.apply(new, drawn, sample, editable, edit_conf)
         self._step_index = plan.step_index + 1
         if not return_dict:
             return (new,)
@@ -380,13 +463,28 @@ class ConfidenceUnmaskingScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixi
         generator: Optional[torch.Generator] = None,
         condition_mask: Optional[torch.Tensor] = None,
     ) -> torch.LongTensor:
-        """Linear mixture path ``x_t = where(u < t, x1, x0)`` (MaskGIT/LLaDA train with a linear masking rate)."""
+        """Linear mixture path ``x_t = where(u < t, x1, x0)`` (MaskGIT/LLaDA train with a linear masking rate); ``u``
+        in ``sampling_dtype``."""
+        dtype = self._step_dtype(original_samples.device)
         return paths.sample_path(
-            original_samples, noise, timesteps, paths.PolynomialKappa(1.0), generator, condition_mask
+            original_samples, noise, timesteps, paths.PolynomialKappa(1.0), generator, condition_mask, dtype=dtype
         )
 
     def __len__(self) -> int:
         return self.num_inference_steps or 0
+
+
+def _score(log_probs: torch.Tensor, tokens: torch.Tensor, confidence: str) -> torch.Tensor:
+    """The confidence of each row of (K, vocab) ``log_probs`` with drawn ``tokens``: ``log p(token)``
+    (``"probability"``), ``p_(1) - p_(2)`` (``"margin"``) or ``sum_v p(v) log p(v)`` (``"entropy"``)."""
+    if confidence == "probability":
+        return log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    if confidence == "margin":
+        top2 = log_probs.topk(min(2, log_probs.shape[-1]), dim=-1).values.exp()
+        second = top2[:, 1] if top2.shape[-1] > 1 else torch.zeros_like(top2[:, 0])
+        return top2[:, 0] - second
+    probs = log_probs.exp()
+    return (probs * log_probs.masked_fill(probs == 0, 0.0)).sum(-1)
 
 
 def _dream_grid(steps: int, eps: float) -> torch.Tensor:
@@ -427,4 +525,25 @@ def _validate_dream_options(
     if alg_temp > 0 and confidence_threshold is not None:
         raise ValueError(
             "`alg_temp` and `confidence_threshold` cannot be combined: pick the random or the threshold rule."
+        )
+
+
+def _validate_threshold_rule(
+    threshold_rule: object, confidence_threshold: Optional[float], transfer_schedule: Optional[str]
+) -> None:
+    """Raise ``ValueError`` naming ``threshold_rule`` for a value not in :data:`THRESHOLD_RULES`, and for ``"top1"``
+    without ``confidence_threshold`` or with a transfer schedule other than None / ``"even"``."""
+    if threshold_rule not in THRESHOLD_RULES:
+        raise ValueError(f"`threshold_rule` must be one of {list(THRESHOLD_RULES)}, got {threshold_rule!r}.")
+    if threshold_rule != "top1":
+        return
+    if confidence_threshold is None:
+        raise ValueError(
+            "`threshold_rule`='top1' (Fast-dLLM's rule: the most confident position plus every one above the "
+            "threshold) needs `confidence_threshold`, got None."
+        )
+    if transfer_schedule not in (None, "even"):
+        raise ValueError(
+            "`threshold_rule`='top1' commits one position a step plus those above the threshold: `transfer_schedule` "
+            f"must be None or 'even', got {transfer_schedule!r}."
         )

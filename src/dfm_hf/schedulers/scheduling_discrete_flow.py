@@ -23,14 +23,17 @@ The model gives logits of the factorized posterior ``p_{1|t}(x^i | X_t)``. Over 
   then drawn from the model's conditional given the blocks before it (exact in the limit for an exact posterior).
 
 The mask token is never drawn as a value whatever the logits give it, conditioning positions never change, and
-categorical draws are made in float64 by default (float32 Gumbel-max under-samples rare tokens).
+every draw of a step (the plan's uniform numbers, the categorical draws, the corrector's coins) and the probabilities
+they are compared with are computed in ``sampling_dtype``: float64 by default (float32 Gumbel-max under-samples rare
+tokens), float32 on a device without float64 (MPS; a warning says so once). The logit rows are read in chunks of at
+most ``chunk_bytes`` per temporary, whatever the number of positions the step reads.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -39,7 +42,8 @@ from diffusers.utils import BaseOutput
 
 from .. import paths, rng
 from ..rng import GeneratorLike, check_generator
-from .sampling import SAMPLING_DTYPES, check_sampling_dtype, draw_categorical, process_logits, rows_of, sample_rows
+from .diffusers_convention import DiffusersConventionMixin, DiscreteSchedulerOutput
+from .sampling import LogitRows, check_sampling_dtype, process_logits, sample_rows
 from .utils import (
     BlockWindows,
     DFMSchedulerMixin,
@@ -68,7 +72,7 @@ class DiscreteFlowSchedulerOutput(BaseOutput):
     pred_original_sample: Optional[torch.LongTensor] = None
 
 
-class DiscreteFlowScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
+class DiscreteFlowScheduler(DiffusersConventionMixin, DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
     """Discrete Flow Matching Euler sampler with kappa schedules, mask/uniform sources and the DFM corrector.
 
     Config:
@@ -83,7 +87,8 @@ class DiscreteFlowScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
             :meth:`set_timesteps` says so.
         corrector_alpha, corrector_a, corrector_b: ``alpha_t = 1 + corrector_alpha * t^a * (1-t)^b`` (0 = off).
         temperature, top_k, top_p: applied to ``p_{1|t}`` before each draw (defaults are exact sampling).
-        sampling_dtype: ``"float64"`` (default) or ``"float32"`` for the categorical draws.
+        sampling_dtype: ``"float64"`` (default) or ``"float32"``: the dtype of every draw and jump probability of a
+            step (float32 where the device has no float64).
         time_spacing: ``"uniform"`` grid ``t_i = i / N``, or ``"cosine"`` (denser near both ends).
         block_length: None (one flow over every generated position) or ``L``: block-wise DFM (mask source only; module
             docstring).
@@ -138,14 +143,22 @@ class DiscreteFlowScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
         self._step_index: Optional[int] = None
 
     # ------------------------------------------------------------------ time grid
-    def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device, None] = None) -> None:
-        """Set the grid: ``timesteps`` holds the N increasing times in [0, 1) where the model is evaluated."""
+    def set_timesteps(
+        self,
+        num_inference_steps: int,
+        device: Union[str, torch.device, None] = None,
+        block_length: Optional[int] = None,
+    ) -> None:
+        """Set the grid: ``timesteps`` holds the N increasing times in [0, 1) where the model is evaluated.
+        ``block_length``: diffusers' per-block calling form (:mod:`~dfm_hf.schedulers.diffusers_convention`).
+        """
         if self.config.prediction_type == "epsilon":
             raise ValueError(
                 "`prediction_type`='epsilon' cannot drive DiscreteFlowScheduler: the forward velocity needs "
                 "p_{1|t}; p_{0|t} only gives the backward (corrector) term. Train with prediction_type='sample'."
             )
         validate_num_inference_steps(num_inference_steps)
+        self._set_block_form(block_length)  # diffusers' per-block form (diffusers_convention)
         grid = [i / num_inference_steps for i in range(num_inference_steps + 1)]
         if self.config.time_spacing == "cosine":
             grid = [0.5 - 0.5 * math.cos(math.pi * s) for s in grid]
@@ -158,12 +171,12 @@ class DiscreteFlowScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
     def _jump_probabilities(
         self, t: torch.Tensor, t_next: torch.Tensor, last: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(kappa_t, p_fwd, p_bwd)`` of a step from ``t`` to ``t_next`` (float64 tensors of any shape; ``last`` marks
-        steps that land on 1): ``alpha_t = 1 + corrector_alpha t^a (1 - t)^b``, ``beta_t = alpha_t - 1`` (0 on the last
-        step), ``p_fwd = 1 - ((1 - kappa_{t'}) / (1 - kappa_t))^alpha_t`` (1 on the last step) and
-        ``p_bwd = 1 - (kappa_t / kappa_{t'})^beta_t``."""
+        """``(kappa_t, p_fwd, p_bwd)`` of a step from ``t`` to ``t_next`` (tensors of any shape, in the dtype they are
+        computed in; ``last`` marks steps that land on 1): ``alpha_t = 1 + corrector_alpha t^a (1 - t)^b``,
+        ``beta_t = alpha_t - 1`` (0 on the last step), ``p_fwd = 1 - ((1 - kappa_{t'}) / (1 - kappa_t))^alpha_t`` (1 on
+        the last step) and ``p_bwd = 1 - (kappa_t / kappa_{t'})^beta_t``."""
         c = self.config
-        k, k_next = self.schedule.kappa(t), self.schedule.kappa(t_next)
+        k, k_next = self.schedule.kappa(t, dtype=t.dtype), self.schedule.kappa(t_next, dtype=t.dtype)
         alpha = torch.ones_like(t)
         if c.corrector_alpha != 0:
             alpha = 1.0 + c.corrector_alpha * t**c.corrector_a * (1.0 - t) ** c.corrector_b
@@ -207,13 +220,14 @@ class DiscreteFlowScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
                 "`windows` need `source_distribution`='mask' (later blocks wait masked), "
                 f"got {c.source_distribution!r}."
             )
+        dtype = self._step_dtype(sample.device)
         if c.block_length is not None or windows is not None:
-            return self._plan_blocks(sample, i, generator, condition_mask, windows)
-        t, t_next = (torch.tensor(v, dtype=torch.float64) for v in self._times[i : i + 2])
+            return self._plan_blocks(sample, i, generator, condition_mask, windows, dtype)
+        t, t_next = (torch.tensor(v, dtype=dtype) for v in self._times[i : i + 2])
         k, p_fwd, p_bwd = self._jump_probabilities(t, t_next, torch.tensor(i == self.num_inference_steps - 1))
         p_fwd, p_bwd = p_fwd.to(sample.device), p_bwd.to(sample.device)
         free = torch.ones_like(sample, dtype=torch.bool) if condition_mask is None else ~condition_mask.bool()
-        u = rng.rand_at(free, generator).squeeze(-1)
+        u = rng.rand_at(free, generator, dtype=dtype).squeeze(-1)
         if c.source_distribution == "mask":
             masked = sample == c.mask_token_id
             forward = free & masked & (u < p_fwd)
@@ -244,17 +258,18 @@ class DiscreteFlowScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
         i: int,
         generator: GeneratorLike,
         condition_mask: Optional[torch.Tensor],
-        windows: Optional[BlockWindows] = None,
+        windows: Optional[BlockWindows],
+        dtype: torch.dtype,
     ) -> StepPlan:
-        """:meth:`plan_step` of block-wise DFM: the open window's own flow, at per-row local times."""
+        """:meth:`plan_step` of block-wise DFM: the open window's own flow, at per-row local times (in ``dtype``)."""
         c = self.config
         free = torch.ones_like(sample, dtype=torch.bool) if condition_mask is None else ~condition_mask.bool()
         blocks = windows if windows is not None else block_windows(free, c.block_length, i, self.num_inference_steps)
-        span = (blocks.last_step - blocks.first_step + 1).to(torch.float64)
-        local = (i - blocks.first_step).to(torch.float64)
+        span = (blocks.last_step - blocks.first_step + 1).to(dtype)
+        local = (i - blocks.first_step).to(dtype)
         t, t_next = self._spaced(local / span), self._spaced((local + 1) / span)
         k, p_fwd, p_bwd = self._jump_probabilities(t, t_next, blocks.last_step == i)
-        u = rng.rand_at(blocks.window, generator).squeeze(-1)
+        u = rng.rand_at(blocks.window, generator, dtype=dtype).squeeze(-1)
         masked = sample == c.mask_token_id
         forward = blocks.window & masked & (u < p_fwd.unsqueeze(1))
         backward = blocks.window & ~masked & (u < p_bwd.unsqueeze(1))
@@ -280,7 +295,8 @@ class DiscreteFlowScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
         return_dict: bool = True,
         condition_mask: Optional[torch.Tensor] = None,
         plan: Optional[StepPlan] = None,
-    ) -> Union[DiscreteFlowSchedulerOutput, tuple]:
+        **options: Any,
+    ) -> Union[DiscreteFlowSchedulerOutput, DiscreteSchedulerOutput, tuple]:
         """Advance ``sample`` from ``timestep`` to the next time of the grid.
 
         ``model_output`` is (batch, length, vocab) logits of ``p_{1|t}``, or the packed (K, vocab) rows at
@@ -288,55 +304,63 @@ class DiscreteFlowScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
         exactly that plan; without it, it plans itself first (drawing the plan's numbers from ``generator``).
         Forward positions take a draw ``x1 ~ p_{1|t}`` (after temperature / top-k / top-p; exact inverse-CDF in
         ``sampling_dtype``); backward ones go back to the source (see the module docstring).
+
+        A call with diffusers' ``options`` (``mask_token_id=``, ``temperature=``, ...; an ``int`` step index) runs
+        :meth:`diffusers_step` (:mod:`~dfm_hf.schedulers.diffusers_convention`).
         """
+        if self._is_diffusers_call(timestep, condition_mask, plan, options):  # diffusers' form (diffusers_convention)
+            return self.diffusers_step(model_output, timestep, sample, generator, return_dict, **options)
         plan = self._plan_for_step(plan, sample, timestep, generator, condition_mask)
         c = self.config
-        dtype = SAMPLING_DTYPES[c.sampling_dtype]
+        dtype = self._step_dtype(sample.device)
         new = sample.clone()
+        rows = LogitRows(model_output, plan.positions, c.vocab_size, plan.counts)
         if c.source_distribution == "mask":
             # mask source: the positions that read logits are exactly the forward jumps; sample them chunk by chunk
             new[plan.forward] = sample_rows(
-                model_output,
-                plan.forward,
-                c.vocab_size,
-                generator,
-                temperature=c.temperature,
-                top_k=c.top_k,
-                top_p=c.top_p,
-                forbidden_token_id=c.mask_token_id,
-                dtype=dtype,
-                counts=plan.counts,
+                rows, generator, **self._filters(), dtype=dtype, chunk_bytes=self.chunk_bytes
             )
             x1_hat = new.clone() if return_dict else None
             new[plan.backward] = c.mask_token_id
         else:
-            rows = rows_of(model_output, plan.positions, c.vocab_size)
-            log_probs = process_logits(rows, c.temperature, c.top_k, c.top_p, c.mask_token_id, dtype)
-            new = self._uniform_update(new, plan, log_probs, generator)
+            new = self._uniform_update(new, plan, rows, generator, dtype)
             x1_hat = None
         self._step_index = plan.step_index + 1
         if not return_dict:
             return (new,)
         return DiscreteFlowSchedulerOutput(prev_sample=new, pred_original_sample=x1_hat if x1_hat is not None else new)
 
+    def _filters(self) -> dict:
+        """The logit processing of a draw: temperature, top-k, top-p, the mask token forbidden."""
+        c = self.config
+        return dict(temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, forbidden_token_id=c.mask_token_id)
+
     def _uniform_update(
-        self, new: torch.Tensor, plan: StepPlan, log_probs: torch.Tensor, generator: GeneratorLike
+        self, new: torch.Tensor, plan: StepPlan, rows: LogitRows, generator: GeneratorLike, dtype: torch.dtype
     ) -> torch.Tensor:
         """Uniform source: forward positions take a draw from p_{1|t}; backward candidates move to a uniform token
-        with probability ``d kappa_t r``, ``r = p_{1|t}(z) / (d kappa_t + 1 - kappa_t)``."""
+        with probability ``d kappa_t r``, ``r = p_{1|t}(z) / (d kappa_t + 1 - kappa_t)``. Both read the logit rows in
+        chunks (``chunk_bytes``)."""
         c = self.config
         fwd_rows = plan.forward[plan.positions]
-        new[plan.forward] = draw_categorical(log_probs[fwd_rows], rng.row_counts(plan.forward), generator)
+        forward = rows.select(fwd_rows, plan.forward, rng.row_counts(plan.forward))
+        new[plan.forward] = sample_rows(
+            forward, generator, **self._filters(), dtype=dtype, chunk_bytes=self.chunk_bytes
+        )
         backward_counts = rng.row_counts(plan.backward)
         if not any(backward_counts):
             return new
         current = new[plan.backward]
-        p1_z = log_probs[~fwd_rows].gather(1, current.unsqueeze(1)).squeeze(1).exp()
+        backward = rows.select(~fwd_rows, plan.backward, backward_counts)
+        p1_z = torch.empty(backward.count, dtype=dtype, device=new.device)
+        for start, stop, chunk in backward.chunks(dtype, self.chunk_bytes):
+            log_probs = process_logits(chunk, dtype=dtype, **self._filters())
+            p1_z[start:stop] = log_probs.gather(1, current[start:stop].unsqueeze(1)).squeeze(1).exp()
         d, k = self._source_size, plan.kappa
         accept_p = d * k * p1_z / (d * k + 1.0 - k)
-        coins = torch.zeros_like(new, dtype=log_probs.dtype)
+        coins = torch.zeros_like(new, dtype=dtype)
         coins[plan.backward] = 1.0 - accept_p  # draws below this threshold are rejected
-        u = rng.rand_at(plan.backward, generator, dtype=log_probs.dtype, counts=backward_counts).squeeze(-1)
+        u = rng.rand_at(plan.backward, generator, dtype=dtype, counts=backward_counts).squeeze(-1)
         accepted = plan.backward & (u >= coins)
         tokens = rng.uniform_tokens_at(rng.row_counts(accepted), c.vocab_size, c.mask_token_id, generator, new.device)
         new[accepted] = tokens.to(new.dtype)
@@ -351,8 +375,12 @@ class DiscreteFlowScheduler(DFMSchedulerMixin, SchedulerMixin, ConfigMixin):
         generator: Optional[torch.Generator] = None,
         condition_mask: Optional[torch.Tensor] = None,
     ) -> torch.LongTensor:
-        """``x_t = where(u < kappa_t, x1, x0)`` per token (mixture path), ``noise`` being a source sample ``x0``."""
-        return paths.sample_path(original_samples, noise, timesteps, self.schedule, generator, condition_mask)
+        """``x_t = where(u < kappa_t, x1, x0)`` per token (mixture path), ``noise`` being a source sample ``x0``; ``u``
+        and ``kappa_t`` in ``sampling_dtype``."""
+        dtype = self._step_dtype(original_samples.device)
+        return paths.sample_path(
+            original_samples, noise, timesteps, self.schedule, generator, condition_mask, dtype=dtype
+        )
 
     def sample_source(self, shape_like: torch.LongTensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """A source sample ``x0`` shaped like ``shape_like`` (all mask tokens, or uniform tokens never the mask)."""

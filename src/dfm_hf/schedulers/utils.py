@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+
+from .sampling import CHUNK_BYTES, SAMPLING_DTYPES, resolve_sampling_dtype
 
 #: Largest accepted ``num_inference_steps`` (a bound on the size of the time grid a config can ask for).
 MAX_INFERENCE_STEPS = 1_000_000
@@ -87,7 +90,28 @@ class DFMSchedulerMixin:
 
     Expects ``self._times`` (the grid, ``N + 1`` python floats ending at 1.0), ``self.num_inference_steps`` and
     ``self._step_index`` to be maintained by the scheduler.
+
+    ``chunk_bytes``: the largest (rows, vocab) temporary a step builds at once (it reads its logit rows in chunks;
+    the samples do not depend on it). Set it on an instance to trade memory for fewer, larger chunks.
     """
+
+    chunk_bytes: int = CHUNK_BYTES
+
+    def _step_dtype(self, device: Union[str, torch.device]) -> torch.dtype:
+        """The dtype of every draw and probability of a step on ``device``: ``sampling_dtype``, or float32 where the
+        device has no float64 (:func:`~dfm_hf.schedulers.sampling.resolve_sampling_dtype`), said once per
+        scheduler instance by a ``UserWarning``."""
+        wanted = SAMPLING_DTYPES[self.config.sampling_dtype]
+        dtype = resolve_sampling_dtype(wanted, device)
+        if dtype != wanted and not self.__dict__.get("_warned_dtype_fallback", False):
+            self._warned_dtype_fallback = True
+            warnings.warn(
+                f"`sampling_dtype`={self.config.sampling_dtype!r} is not available on {torch.device(device).type}: "
+                f"{type(self).__name__} draws in float32 there (samples may differ from a float64 run).",
+                UserWarning,
+                stacklevel=3,
+            )
+        return dtype
 
     @classmethod
     def _get_compatibles(cls) -> list:
@@ -95,6 +119,13 @@ class DFMSchedulerMixin:
         ours = importlib.import_module("dfm_hf.schedulers")
         names = {cls.__name__, *cls._compatibles}
         return [getattr(ours, n) for n in sorted(names) if hasattr(ours, n)]
+
+    def inference_steps(self, num_inference_steps: int, positions: int, block_length: Optional[int] = None) -> int:
+        """The steps a sampling loop runs when ``num_inference_steps`` are asked, for rows of at most ``positions``
+        positions to generate in windows of ``block_length`` (None: one window): ``num_inference_steps`` here; a
+        scheduler whose step count is not binding (``ConfidenceUnmaskingScheduler(threshold_rule="top1")``) says
+        otherwise."""
+        return validate_num_inference_steps(num_inference_steps)
 
     def _grid_lookup(self) -> dict[float, int]:
         """``{time: first index}`` of the grid, both as stored (python floats) and rounded to float32 (the values of
@@ -249,3 +280,53 @@ def block_grid_windows(
     block = torch.full_like(free, block_index, dtype=torch.long)
     num_open = torch.full((batch,), block_index + 1, dtype=torch.long, device=free.device)
     return BlockWindows(block, window, window, num_open, first_step, last_step, torch.full_like(index, width))
+
+
+def validate_block_order(sub_block_length: object, autoregressive_first_token: object) -> None:
+    """Raise ``ValueError`` naming the argument unless ``sub_block_length`` is None or an integer in ``[1, 1000000]``
+    and ``autoregressive_first_token`` is a bool."""
+    if sub_block_length is not None and (
+        isinstance(sub_block_length, bool)
+        or not isinstance(sub_block_length, int)
+        or not 1 <= sub_block_length <= 1_000_000
+    ):
+        raise ValueError(f"`sub_block_length` must be None or an integer in [1, 1000000], got {sub_block_length!r}.")
+    if not isinstance(autoregressive_first_token, bool):
+        raise ValueError(f"`autoregressive_first_token` must be True or False, got {autoregressive_first_token!r}.")
+
+
+def block_order(
+    needs: torch.Tensor,
+    free: torch.Tensor,
+    block_length: Optional[int],
+    sub_block_length: Optional[int],
+    autoregressive_first_token: bool,
+    last_step: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast-dLLM v2's order inside a window: ``(needs, first)``, the positions a step ranks and the rows whose step
+    is an autoregressive one.
+
+    ``needs`` (batch, length) bool: the window's masked positions, among the ``free`` ones. A position's offset in its
+    block is its column when ``block_length`` is None (the sample is the block of a block-diffusion model, its given
+    positions counted), else its rank among the free positions modulo ``block_length`` (the blocks of
+    :func:`block_windows`). With ``autoregressive_first_token`` a row whose position at offset 0 is masked ranks that
+    position alone (``first``: it commits it, one position).
+    With ``sub_block_length = S`` the other rows rank only the first sub-block (offsets ``[s S, (s + 1) S)``) that
+    still holds a masked position, except at their window's last step (``last_step``, (batch,) bool), which ranks
+    every masked position of the window so that it completes.
+    """
+    if block_length is None:
+        offsets = torch.arange(needs.shape[1], device=needs.device).expand_as(needs)
+    else:
+        offsets = (free.long().cumsum(1) - 1).remainder(block_length)
+    first = torch.zeros(needs.shape[0], dtype=torch.bool, device=needs.device)
+    if autoregressive_first_token:
+        at_start = needs & (offsets == 0)
+        first = at_start.any(1)
+        needs = torch.where(first.unsqueeze(1), at_start, needs)
+    if sub_block_length is not None:
+        sub = offsets.div(sub_block_length, rounding_mode="floor")
+        open_sub = torch.where(needs, sub, torch.iinfo(torch.long).max).amin(1)
+        keep = (sub == open_sub.unsqueeze(1)) | (last_step & ~first).unsqueeze(1)
+        needs = needs & keep
+    return needs, first

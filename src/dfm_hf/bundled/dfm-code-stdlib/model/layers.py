@@ -19,6 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_dfm import DFMConfig
 from .masking import padding_positions, slice_visibility
+from .moe import DFMSparseMoE, is_moe_layer
 from .rotary import apply_rotary
 from .validation import check_inputs, check_shift_sources, prepare_logits_to_keep, prepare_position_ids
 
@@ -59,11 +60,14 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(batch, kv_heads, n_rep, length, head_dim).reshape(batch, kv_heads * n_rep, length, -1)
 
 
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding ``(batch, dim)`` of ``TIME_EMBEDDING_SCALE * t`` (``t`` in ``[0, 1]``), in float32."""
+def timestep_embedding(
+    timesteps: torch.Tensor, dim: int, max_period: float = 10000.0, scale: float = TIME_EMBEDDING_SCALE
+) -> torch.Tensor:
+    """Sinusoidal embedding ``(batch, dim)``, ``[cos(scale * t * f_j), sin(scale * t * f_j)]`` with
+    ``f_j = max_period^(-j / (dim / 2))`` (default ``scale``: ``t`` in ``[0, 1]`` seen as 1000 steps), in float32."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=timesteps.device, dtype=torch.float32) / half)
-    args = (timesteps.float() * TIME_EMBEDDING_SCALE)[:, None] * freqs[None]
+    args = (timesteps.float() * scale)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -81,13 +85,15 @@ class DFMTimestepEmbedder(nn.Module):
 
 
 class DFMMLP(nn.Module):
-    """Gated SiLU MLP: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+    """Gated SiLU MLP: ``down_proj(silu(gate_proj(x)) * up_proj(x))``, ``intermediate_size`` wide (default:
+    ``config.intermediate_size``; an expert of the MoE layer has its own width)."""
 
-    def __init__(self, config: DFMConfig) -> None:
+    def __init__(self, config: DFMConfig, intermediate_size: Optional[int] = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        width = config.intermediate_size if intermediate_size is None else intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -126,7 +132,8 @@ class DFMAttention(nn.Module):
 
     ``softmax(q k^T / sqrt(head_dim) + mask) v`` over all keys (bidirectional unless the mask says otherwise), run by
     the function of transformers' attention interface that ``config._attn_implementation`` names. Biases on
-    ``q_proj`` / ``k_proj`` / ``v_proj`` with ``config.attention_bias``; never on ``o_proj``.
+    ``q_proj`` / ``k_proj`` / ``v_proj`` with ``config.attention_bias``; never on ``o_proj``. With
+    ``config.qk_norm``, ``q_norm`` / ``k_norm`` (RMS norms over ``head_dim``) act on each head before the rotary.
     """
 
     def __init__(self, config: DFMConfig, layer_idx: int) -> None:
@@ -145,6 +152,8 @@ class DFMAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_norm = DFMRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = DFMRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
 
     def forward(
         self,
@@ -165,6 +174,8 @@ class DFMAttention(nn.Module):
         query = self.q_proj(hidden_states).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch, seq_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, seq_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
         cos, sin = position_embeddings
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         if past_key_values is not None:
@@ -256,7 +267,7 @@ class DFMTransformerLayer(GradientCheckpointingLayer):
     def __init__(self, config: DFMConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = DFMAttention(config, layer_idx)
-        self.mlp = DFMMLP(config)
+        self.mlp = DFMSparseMoE(config, DFMMLP) if is_moe_layer(config, layer_idx) else DFMMLP(config)
         self.input_layernorm = DFMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DFMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)

@@ -1,7 +1,8 @@
 """The loading policy of our own checkpoints: strict, with errors that name what is wrong.
 
 Loading stays strict: a missing, unexpected or mismatched weight raises naming it (nothing is initialised at random),
-and a broken weights file raises naming the file and its folder. Imports only the standard library, ``transformers``
+and a broken weights file raises naming the file and its folder. ``quantization_config=`` accepts the backends of
+:data:`ACCEPTED_QUANTIZATION` (:func:`check_quantization_config`). Imports only the standard library, ``transformers``
 and ``safetensors``: it travels with ``modeling_dfm.py`` as remote code.
 """
 
@@ -13,6 +14,50 @@ from typing import Any, Optional
 
 #: ``from_pretrained`` keyword arguments that say where a checkpoint's files come from.
 HUB_KEYS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder")
+#: What ``quantization_config=`` accepts, in words (errors quote it).
+ACCEPTED_QUANTIZATION = (
+    "None, a transformers `TorchAoConfig` (e.g. `TorchAoConfig(torchao.quantization.Int8WeightOnlyConfig())`: int8 "
+    "weight-only, CPU or GPU) or a `BitsAndBytesConfig(load_in_4bit=True)` / `BitsAndBytesConfig(load_in_8bit=True)` "
+    "(CUDA only), or the dict of one of them (`config.to_dict()`)"
+)
+
+
+def check_quantization_config(quantization_config: Any, gguf_source: bool = False) -> Any:
+    """``quantization_config`` as a transformers ``TorchAoConfig`` or ``BitsAndBytesConfig`` (a dict of one is
+    turned into it), or None; ``ValueError`` naming the argument and :data:`ACCEPTED_QUANTIZATION` for anything else,
+    for a ``BitsAndBytesConfig`` that loads neither 4- nor 8-bit, and for bitsandbytes without a CUDA device.
+    ``gguf_source``: a ``GgufConfig`` passes too, as it is (it says how to read a causal LM's GGUF file)."""
+    if quantization_config is None:
+        return None
+    from transformers import BitsAndBytesConfig, GgufConfig, TorchAoConfig
+
+    if gguf_source and isinstance(quantization_config, GgufConfig):
+        return quantization_config
+
+    config = quantization_config
+    if isinstance(config, dict):
+        method = str(getattr(config.get("quant_method"), "value", config.get("quant_method")))
+        classes = {"torchao": TorchAoConfig, "bitsandbytes": BitsAndBytesConfig}
+        if method not in classes:
+            raise ValueError(f"`quantization_config` has quant_method {method!r}; accepted: {ACCEPTED_QUANTIZATION}.")
+        config = classes[method].from_dict(config)
+    if isinstance(config, TorchAoConfig):
+        return config
+    if isinstance(config, BitsAndBytesConfig):
+        if not (config.load_in_4bit or config.load_in_8bit):
+            raise ValueError(
+                "`quantization_config` is a BitsAndBytesConfig that loads neither 4- nor 8-bit: pass "
+                "`load_in_4bit=True` or `load_in_8bit=True`."
+            )
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "`quantization_config` is a BitsAndBytesConfig: bitsandbytes 4/8-bit needs a CUDA GPU and none is "
+                "available; on CPU pass `TorchAoConfig(Int8WeightOnlyConfig())` (torchao) instead."
+            )
+        return config
+    raise ValueError(f"`quantization_config` got {type(config).__name__}; accepted: {ACCEPTED_QUANTIZATION}.")
 
 
 def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -98,6 +143,24 @@ def broken_weights_error(name: Any, kwargs: dict[str, Any]) -> Optional[OSError]
 
 def _shape(shape: Any) -> str:
     return "(" + ", ".join(str(int(d)) for d in shape) + ")"
+
+
+def record_quantized_mismatches(model: Any, info: dict[str, Any]) -> None:
+    """Add to ``info["mismatched_keys"]`` every weight of a quantized ``model`` whose shape differs from the shape its
+    config gives (transformers does not compare the shape of a weight it quantizes on load); a no-op for a model that
+    is not quantized. A quantized weight's shape is its logical one (a bitsandbytes 4-bit weight's ``quant_state``)."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return
+    import torch
+
+    with torch.device("meta"):
+        expected = {name: p.shape for name, p in type(model)(model.config).named_parameters()}
+    found = set(info.get("mismatched_keys") or [])
+    for name, param in model.named_parameters():
+        shape = getattr(getattr(param, "quant_state", None), "shape", None) or param.shape
+        if name in expected and tuple(shape) != tuple(expected[name]):
+            found.add((name, tuple(shape), tuple(expected[name])))
+    info["mismatched_keys"] = found
 
 
 def check_loading_info(name: Any, info: dict[str, Any], kwargs: Optional[dict[str, Any]] = None) -> None:
