@@ -32,6 +32,12 @@ Work, the same for every system:
   (:func:`dfm_hf.evaluation.tasks.build_stdlib_infill` with each system's tokenizer, oracle span length), at
   ``--infill_steps`` (64) steps.
 - ``--samples`` (3) completions of each row, printed and written to the markdown file.
+- Speed: **tokens per model call** (the tokens a row returned, up to and including its first EOS, divided by the
+  model calls it took: a batched DFM call counts once for each of its rows, a causal LM makes one call per token)
+  and wall time per completion (a cell's generation time divided by its rows).
+
+A block-diffusion system (``config.block_size``) runs with its exact key/value cache, and infills through its FIM
+tokens (``config.fim_token_ids``, :mod:`dfm_hf.pipelines.fim`); without them its infilling cell is left empty.
 
 Seeds are fixed (one generator per row, seeded by ``--seed``, task and row). Every cell (system x setting x steps) is
 cached in ``<output_dir>/cells/`` under a key of everything it depends on: a rerun computes only what is missing or
@@ -60,7 +66,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 SPECIAL_SYSTEMS = ("real", "unigram", "smollm2-ar")
 DEFAULT_SYSTEMS = ("current=bundled", "real=real", "unigram=unigram", "smollm2-ar=smollm2-ar")
 DEFAULT_PRESETS = ("default@1", "default@0.7")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -325,12 +331,40 @@ class DFMRunner:
         overrides = {} if setting.temperature is None else {"temperature": setting.temperature}
         self.pipe.scheduler = type(base).from_config(base.config, **overrides)
 
-    def generate(self, rows: list[list[int]], seeds: list[int], steps: int, batch_size: int) -> list[list[int]]:
+    @property
+    def infills(self) -> bool:
+        """Whether the model can fill a hole inside a prompt (full attention, or a block model with FIM tokens)."""
+        config = self.pipe.model.config
+        return getattr(config, "block_size", None) is None or getattr(config, "fim_token_ids", None) is not None
+
+    def generate(
+        self, rows: list[list[int]], seeds: list[int], steps: int, batch_size: int
+    ) -> tuple[list[list[int]], int]:
+        """The generated ids of each row and the model calls per row, summed over the rows (a batch's calls count
+        once for each of its rows)."""
         out: list[list[int]] = []
+        calls = 0
         for start in range(0, len(rows), batch_size):
-            ids, _ = self.generator.generate(rows[start : start + batch_size], seeds[start : start + batch_size], steps)
+            batch = rows[start : start + batch_size]
+            ids, nfe = self._generate(batch, seeds[start : start + batch_size], steps)
             out.extend(ids)
-        return out
+            calls += int(nfe) * len(batch)
+        return out, calls
+
+    def _generate(self, rows: list[list[int]], seeds: list[int], steps: int) -> tuple[list[list[int]], int]:
+        """One batch: rows that end in their one run of masks are completions of the text before it (the call a
+        block model without FIM tokens accepts); other rows are filled in place."""
+        import torch
+
+        mask = self.pipe.mask_token_id
+        counts = [sum(1 for t in r if t == mask) for r in rows]
+        if len(set(counts)) != 1 or any(r[len(r) - n :] != [mask] * n for r, n in zip(rows, counts)):
+            return self.generator.generate(rows, seeds, steps)
+        n = counts[0]
+        out = self.pipe(input_ids=[r[: len(r) - n] for r in rows], gen_length=n, num_inference_steps=steps,
+                        generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pt",
+                        return_full_text=False)  # fmt: skip
+        return [out.sequences[i, :n].tolist() for i in range(len(rows))], out.nfe
 
 
 class ARRunner:
@@ -349,9 +383,10 @@ class ARRunner:
         self.device = device
         self.mask_token_id = len(self.tokenizer)  # no token has this id: it only marks the span in the rows
 
-    def generate(self, rows: list[list[int]], seeds: list[int], temperature: float) -> list[list[int]]:
+    def generate(self, rows: list[list[int]], seeds: list[int], temperature: float) -> tuple[list[list[int]], int]:
         """Per row: the tokens before the first mark are the prompt; as many tokens as marks are generated (fewer
-        when EOS comes first), ancestral sampling at ``temperature`` (0: greedy)."""
+        when EOS comes first), ancestral sampling at ``temperature`` (0: greedy). Returns the ids and the model
+        calls, one per generated token."""
         import torch
 
         eos = self.tokenizer.eos_token_id
@@ -374,7 +409,7 @@ class ARRunner:
                 )
             new = gen[0, len(prompt) :].tolist()
             out.append(new[: new.index(eos) + 1] if eos in new else new)
-        return out
+        return out, sum(len(new) for new in out)
 
 
 def unigram_sampler(judge: Judge) -> tuple[Any, Any]:
@@ -507,6 +542,7 @@ def run_cell(cell: dict[str, Any], args: argparse.Namespace, problems: list[dict
 
     system, task, setting, steps = cell["system"], cell["task"], cell["setting"], cell["steps"]
     started = time.time()
+    calls, generated_tokens = None, None
     if system.kind == "real":
         if task == "humaneval":
             texts = [p["canonical_solution"] for p in problems]
@@ -549,13 +585,17 @@ def run_cell(cell: dict[str, Any], args: argparse.Namespace, problems: list[dict
             for i in range(len(examples))
         ]
         rows = [ex.input_ids for ex in examples]
+        if system.kind == "dfm" and task == "infill" and not runner.infills:
+            return {"ids": [ex.example_id for ex in examples], "texts": [], "scores": {"exact_match": None},
+                    "gen_seconds": 0.0, "calls": None, "generated_tokens": None}  # fmt: skip
         gen_started = time.time()
         if system.kind == "dfm":
             runner.apply(setting)
-            ids = runner.generate(rows, seeds, steps, args.batch_size)
+            ids, calls = runner.generate(rows, seeds, steps, args.batch_size)
         else:
-            ids = runner.generate(rows, seeds, setting.temperature)
+            ids, calls = runner.generate(rows, seeds, setting.temperature)
         started = gen_started
+        generated_tokens = sum(returned_tokens(g, tokenizer.eos_token_id) for g in ids)
         texts = [decode_generated(tokenizer, g, ex.kind) for g, ex in zip(ids, examples)]
     gen_seconds = time.time() - started
     if task == "humaneval":
@@ -564,7 +604,13 @@ def run_cell(cell: dict[str, Any], args: argparse.Namespace, problems: list[dict
     else:
         scores = score_infill(texts, [ex.reference for ex in examples])
         ids_ = [ex.example_id for ex in examples]
-    return {"ids": ids_, "texts": texts, "scores": scores, "gen_seconds": gen_seconds}
+    return {"ids": ids_, "texts": texts, "scores": scores, "gen_seconds": gen_seconds, "calls": calls,
+            "generated_tokens": generated_tokens}  # fmt: skip
+
+
+def returned_tokens(ids: list[int], eos: Optional[int]) -> int:
+    """The tokens a row returned: up to and including its first EOS."""
+    return ids.index(eos) + 1 if eos is not None and eos in ids else len(ids)
 
 
 def _infill_examples(tokenizer: Any, args: argparse.Namespace, mask: int, context: Optional[int] = None) -> list:
@@ -623,10 +669,16 @@ def table_rows(cells: list[dict[str, Any]], results: dict[int, dict]) -> list[di
                 "infill_em": fill["scores"]["exact_match"] if fill and first_steps else None,
                 "num_empty": r["num_empty"],
                 "gen_seconds": results[i]["gen_seconds"],
+                "tokens_per_call": _ratio(results[i].get("generated_tokens"), results[i].get("calls")),
+                "seconds_per_completion": results[i]["gen_seconds"] / max(1, len(results[i]["texts"])),
                 "samples": list(zip(results[i]["ids"], results[i]["texts"])),
             }
         )
     return rows
+
+
+def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+    return None if numerator is None or not denominator else numerator / denominator
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, timing: dict[str, Any]) -> str:
@@ -646,17 +698,19 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, timing: dict[
         f"(nats) of the completions under the judge's tokenizer (it grows with length: tokens = judge tokens per "
         f"completion); pass@1 in the sandbox. Infilling: exact match on {args.infill_examples} held-out stdlib lines "
         f"at {args.infill_steps} steps, {infill_context(args)}-token windows (shown on the rows of the largest step "
-        f"count). Seed {args.seed}. {when}",
+        f"count). Tokens / call: the HumanEval tokens a row returned (to its first EOS) per model call of the row; "
+        f"s / completion: generation wall time per HumanEval completion. Seed {args.seed}. {when}",
         "",
-        "| system | sampler | steps | judge ppl | entropy | entropy / real | tokens | pass@1 | infill EM | gen s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| system | sampler | steps | judge ppl | entropy | entropy / real | tokens | pass@1 | infill EM "
+        "| tokens / call | s / completion |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         head.append(
             f"| {r['system']} | {r['sampler']} | {r['steps']} | {_fmt(r['judge_ppl'], 'ppl')} | {_fmt(r['entropy'])} | "
             f"{_fmt(r['entropy_vs_real'])} | {r['tokens_per_sample']:.0f} | {_fmt(r['pass@1'], 'rate')} | "
-            f"{_fmt(r['infill_em'], 'rate')} | "
-            f"{r['gen_seconds']:.1f} |"
+            f"{_fmt(r['infill_em'], 'rate')} | {_fmt(r['tokens_per_call'])} | "
+            f"{_fmt(r['seconds_per_completion'] if r['tokens_per_call'] is not None else None)} |"
         )
     head += ["", "Systems: " + "; ".join(f"`{s.name}` = `{s.spec}`" for s in args.systems), "", "## Samples", ""]
     for r in rows:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from helpers import tiny_tokenizer
 
+from dfm_hf.generation.block_diffusion import block_layout, block_steps
 from dfm_hf.models import DFMConfig, DFMForMaskedGeneration
 from dfm_hf.pipelines import DFMPipeline
-from dfm_hf.pipelines.block_diffusion import block_layout, block_steps
 from dfm_hf.schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
 from dfm_hf.schedulers.utils import block_grid_windows
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from helpers import tiny_pipeline, tiny_tokenizer
 
+from dfm_hf.generation.kv_cache import BlockCacheState, keep_in_slice, query_positions
+from dfm_hf.generation.runner import ModelRunner
 from dfm_hf.models import DFMConfig, DFMForMaskedGeneration
 from dfm_hf.pipelines import DFMPipeline
-from dfm_hf.pipelines.kv_cache import BlockCacheState, keep_in_slice, query_positions
-from dfm_hf.pipelines.runner import ModelRunner
 from dfm_hf.schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
 
 PROMPTS = ["def f(x):", "import os, sys\nclass A:", "x = 1"]

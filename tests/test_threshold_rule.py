@@ -13,9 +13,9 @@ import pytest
 import torch
 from helpers import tiny_tokenizer
 
+from dfm_hf.generation.block_diffusion import block_layout
 from dfm_hf.models import DFMBlockCache, DFMConfig, DFMForMaskedGeneration
 from dfm_hf.pipelines import DFMPipeline
-from dfm_hf.pipelines.block_diffusion import block_layout
 from dfm_hf.schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
 
 PROMPTS = ["def f(x):", "import os, sys\nclass A:", "x = 1"]

@@ -5,7 +5,7 @@ padding never change) -> each step: the scheduler's :meth:`plan_step` says which
 runs only on the rows that have such positions and computes its LM head only there (``logits_to_keep``); a step in
 which no position can move runs no model at all (exact: its logits would not be read) -> ``scheduler.step`` -> after
 the last step, decode. A block-diffusion model (``config.block_size``) runs the block-by-block loop of
-:mod:`~dfm_hf.pipelines.block_diffusion` instead, with its exact key/value cache.
+:mod:`~dfm_hf.generation.block_diffusion` instead, with its exact key/value cache.
 """
 
 from __future__ import annotations
@@ -20,20 +20,19 @@ from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
-from ..generation.streamers import DraftFeed
+from ..generation.block_diffusion import generate_blocks
+from ..generation.call import SamplingCall, eos_token_ids
+from ..generation.full_attention import generate_full_attention, pack_rows, right_padded
+from ..generation.kv_cache import resolve_kv_cache
 from ..generation.utils import check_prompt
-from ..rng import check_generator, uniform_tokens_at
+from ..rng import check_generator
 from ..schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
-from ..schedulers.editing import timesteps_with_editing
 from ..schedulers.presets import default_scheduler_presets
 from ..schedulers.utils import validate_num_inference_steps
-from .block_diffusion import check_block_prompts, generate_blocks
-from .callbacks import run_step_callback
+from .fim import fim_infill_plan, generate_fim_blocks
 from .foreign_schedulers import adapt_scheduler
-from .kv_cache import BlockCacheState, resolve_kv_cache
 from .loading import DFMPipelineLoadingMixin
 from .lora import DFMLoraLoaderMixin
-from .runner import ModelRunner
 
 OUTPUT_TYPES = ("text", "pt")
 MAX_ROWS = 65_536  # rows per call: a bound so that no argument can make the pipeline allocate without limit
@@ -176,29 +175,13 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
         self, prompt: Any = None, input_ids: Any = None, gen_length: int = 0, num_samples_per_prompt: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Lay out ``[prompt | gen_length masks]`` rows, right-padded (the layout of a full-attention model; a
-        block-diffusion model lays its rows out on its block grid, see :mod:`~dfm_hf.pipelines.block_diffusion`).
+        block-diffusion model lays its rows out on its block grid, see :mod:`~dfm_hf.generation.block_diffusion`).
 
         Returns ``(sample, condition_mask, attention_mask, generated_mask)``; ``condition_mask`` is True at given
         tokens and padding, ``generated_mask`` at the positions to generate.
         """
         prompts = self.prompt_rows(prompt, input_ids, gen_length, num_samples_per_prompt)
-        return self._right_padded(prompts, gen_length)
-
-    def _right_padded(
-        self, prompts: list[list[int]], gen_length: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        mask = self.mask_token_id
-        rows = [ids + [mask] * gen_length for ids in prompts]
-        length = max(len(r) for r in rows)
-        pad = self._pad_id()
-        sample = torch.full((len(rows), length), pad, dtype=torch.long)
-        attention = torch.zeros((len(rows), length), dtype=torch.long)
-        for b, row in enumerate(rows):
-            sample[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention[b, : len(row)] = 1
-        generated = (sample == mask) & attention.bool()
-        condition = ~generated
-        return sample, condition, attention, generated
+        return right_padded(prompts, gen_length, self.mask_token_id, self._pad_id())
 
     # ------------------------------------------------------------------ call
     @property
@@ -241,13 +224,15 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
 
         Args:
             prompt: a string or list of strings: a prefix to complete (``gen_length`` tokens are appended), and/or
-                code holding the tokenizer's mask token at the positions to infill. None: unconditional. Raw text: no
-                chat template is applied (use ``messages``).
+                code holding the tokenizer's mask token at the positions to infill (a block-diffusion model infills
+                one run of masks per prompt through its FIM tokens, ``config.fim_token_ids``, and appends nothing:
+                see :mod:`~dfm_hf.pipelines.fim`). None: unconditional. Raw text: no chat template is applied (use
+                ``messages``).
             input_ids: token ids instead of ``prompt`` (same layout rules).
             gen_length: tokens generated after the prompt (may be 0 when the prompt holds mask tokens).
             num_inference_steps: scheduler steps (an upper bound on model calls); ``nfe`` counts the calls run. A
                 block-diffusion model splits them over each row's blocks (see
-                :mod:`~dfm_hf.pipelines.block_diffusion`). Not binding under Fast-dLLM's threshold rule
+                :mod:`~dfm_hf.generation.block_diffusion`). Not binding under Fast-dLLM's threshold rule
                 (``ConfidenceUnmaskingScheduler(threshold_rule="top1")``): the scheduler's ``inference_steps`` sets
                 the count, one step per position of a window.
             num_samples_per_prompt: rows per prompt.
@@ -274,10 +259,10 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
                 unconditional branch is the same rows with every conditioning token (prompt, infill context) replaced
                 by the mask token; both branches run in one batched forward.
             kv_cache: ``"auto"`` (default): the exact key/value cache of a block-diffusion model (``config.
-                block_size`` set; see :mod:`dfm_hf.pipelines.block_diffusion`), none for a full-attention model.
+                block_size`` set; see :mod:`dfm_hf.generation.block_diffusion`), none for a full-attention model.
                 ``None``: no cache (the exact path; a block model then recomputes the prefix at every step, with the
                 same tokens). ``"prefix"`` or ``"dual"`` (full-attention models with a block scheduler): the
-                approximate key/value cache (see :mod:`dfm_hf.pipelines.kv_cache`): cached keys/values go stale
+                approximate key/value cache (see :mod:`dfm_hf.generation.kv_cache`): cached keys/values go stale
                 within a block, so it is an approximation.
             kv_cache_refresh_steps: with ``kv_cache``, also recompute the cache every ``k`` steps inside a block
                 (default: only when a block opens). ``1`` recomputes it every step (exact up to rounding).
@@ -320,12 +305,21 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
             input_ids = self._chat_ids(messages)
         prompts = self.prompt_rows(prompt, input_ids, gen_length, num_samples_per_prompt)
         block_size = getattr(self.model.config, "block_size", None)
-        if block_size is not None:
-            check_block_prompts(prompts, self.mask_token_id, block_size)
+        infill = fim_infill_plan(prompts, self.mask_token_id, self.model.config) if block_size is not None else None
         check_generator(generator, len(prompts))
         self._num_timesteps = num_inference_steps
         self._guidance_scale = float(guidance_scale)
         pad, tokenizer = self._pad_id(), self.tokenizer  # read once, like every setting of the call
+        call = SamplingCall(
+            model=self.model,
+            mask_token_id=self.mask_token_id,
+            pad_token_id=pad,
+            device=self._execution_device,
+            eos_token_ids=eos_token_ids(tokenizer, self.model.config),
+            progress_bar=self.progress_bar,
+            callback_owner=self,
+            set_num_timesteps=self._set_num_timesteps,
+        )
         common = dict(
             scheduler=scheduler,
             prompts=prompts,
@@ -341,74 +335,22 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
             streamer=streamer,
         )
         if block_size is not None:
-            result = generate_blocks(self, cached=cache_mode == "block", **common)
-            sample, keep, generated, nfe = result.sample, result.keep, result.generated, result.nfe
+            cached = cache_mode == "block"
+            if infill is None:
+                result = generate_blocks(call, cached=cached, **common)
+            else:  # a block model with FIM tokens: the run of masks infilled through the FIM layout (pipelines.fim)
+                result = generate_fim_blocks(call, infill, cached=cached, **common)
         else:
-            sample, keep, generated, nfe = self._generate_full_attention(
-                kv_cache=cache_mode, kv_cache_refresh_steps=kv_cache_refresh_steps, **common
+            result = generate_full_attention(
+                call, kv_cache=cache_mode, kv_cache_refresh_steps=kv_cache_refresh_steps, **common
             )
-        sequences = _pack_rows(sample, keep, pad)
+        sample, keep, generated, nfe = result.sample, result.keep, result.generated, result.nfe
+        sequences = pack_rows(sample, keep, pad)
         texts = _decode(tokenizer, sample, keep, generated) if output_type == "text" else None
         self.maybe_free_model_hooks()
         if not return_dict:
             return (sequences, texts, nfe)
         return DFMPipelineOutput(sequences=sequences, texts=texts, nfe=nfe)
-
-    def _generate_full_attention(
-        self,
-        scheduler: Any,
-        prompts: list[list[int]],
-        gen_length: int,
-        num_inference_steps: int,
-        generator: Any,
-        guidance_scale: float,
-        skip_idle_steps: bool,
-        use_logits_to_keep: bool,
-        callback: Optional[Callable[..., dict]],
-        tensor_inputs: list[str],
-        return_full_text: bool,
-        kv_cache: Optional[str],
-        kv_cache_refresh_steps: Optional[int],
-        streamer: Optional[Any] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """The sampling loop of a full-attention model: ``(sample, keep, generated, nfe)`` (host tensors)."""
-        callback_on_step_end = callback
-        sample, condition, attention, generated = self._right_padded(prompts, gen_length)
-        padded = not bool(attention.all())  # checked once per call, on the host tensors
-        device = self._execution_device
-        if scheduler.config.get("source_distribution", "mask") == "uniform":
-            # the source x0 of a uniform-source flow: i.i.d. tokens (never the mask) at the positions to generate
-            counts, vocab = generated.sum(1).tolist(), self.model.config.vocab_size
-            sample[generated] = uniform_tokens_at(counts, vocab, scheduler.config.mask_token_id, generator, "cpu")
-        sample, condition = sample.to(device), condition.to(device)
-        attention = attention.to(device) if padded else None
-        positions, block_length = int(generated.sum(1).max()), scheduler.config.get("block_length")
-        self._num_timesteps = scheduler.inference_steps(num_inference_steps, positions, block_length)
-        scheduler.set_timesteps(self._num_timesteps, device=device)
-        drop = condition & attention.bool() if padded else condition  # given tokens: masked when unconditional
-        runner = ModelRunner(
-            self.model, self.mask_token_id, attention, drop, skip_idle_steps, use_logits_to_keep, guidance_scale
-        )
-        kv_state = BlockCacheState(kv_cache, kv_cache_refresh_steps) if kv_cache else None
-        first = int(generated.any(0).nonzero()[0])  # the streamed canvas: from the first column a row generates
-        feed = DraftFeed(streamer, self._pad_id())
-        feed.put(sample[:, :first])
-        for i, t in timesteps_with_editing(scheduler, self.progress_bar(scheduler.timesteps)):  # then editing passes
-            plan = scheduler.plan_step(sample, t, generator=generator, condition_mask=condition)
-            if kv_state is not None:
-                logits = runner.cached_logits(sample, plan, kv_state)
-            else:
-                logits = runner.logits(sample, plan)
-            sample = scheduler.step(
-                logits, t, sample, generator=generator, condition_mask=condition, plan=plan
-            ).prev_sample
-            del logits  # release this step's logits now: otherwise they stay alive through the next forward pass
-            sample = run_step_callback(callback_on_step_end, self, i, t, sample, condition, tensor_inputs)
-            feed.draft(sample[:, first:], runner.nfe)
-        feed.put(sample[:, first:])
-        feed.end()
-        keep = (attention.bool() if padded else torch.ones_like(condition)) if return_full_text else generated
-        return sample.cpu(), keep.cpu(), generated.cpu(), runner.nfe
 
     def _chat_ids(self, messages: Any) -> list[list[int]]:
         """Token ids of each conversation with the tokenizer's chat template and the generation prompt applied."""
@@ -450,18 +392,12 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
             return self.scheduler
         return type(self.scheduler).from_config(self.scheduler.config, **overrides)
 
+    def _set_num_timesteps(self, num_timesteps: int) -> None:
+        self._num_timesteps = num_timesteps
+
     def _pad_id(self) -> int:
         pad = self.model.config.pad_token_id
         return self.mask_token_id if pad is None else pad
-
-
-def _pack_rows(sample: torch.Tensor, keep: torch.Tensor, pad: int) -> torch.Tensor:
-    counts = keep.sum(1)
-    width = int(counts.max()) if counts.numel() else 0
-    out = torch.full((sample.shape[0], width), pad, dtype=sample.dtype, device=sample.device)
-    pos = torch.arange(width, device=sample.device).expand(sample.shape[0], width)
-    out[pos < counts.unsqueeze(1)] = sample[keep]
-    return out
 
 
 def _decode(tokenizer: Any, sample: torch.Tensor, keep: torch.Tensor, generated: torch.Tensor) -> list[str]:

@@ -181,6 +181,8 @@ def base_recipe(args: argparse.Namespace) -> dict[str, Any]:
     ``block_size`` when ``--block_size`` set it)."""
     flag, source = init_source(args)
     block = {"block_size": args.block_size} if getattr(args, "block_size", None) is not None else {}
+    if getattr(args, "fim_rate", 0.0):
+        block["fim_tokens"] = True  # the pipeline declares FIM tokens (pipelines.fim.add_fim_tokens)
     if flag != "--init_from_causal_lm":
         return {"init_from_pretrained": source, **block}
     reused = args.mask_token_id is not None  # an existing token is the mask: no new token string
@@ -246,6 +248,7 @@ def load_adapted_pipeline(adapter_dir: str, fuse: bool = True) -> Any:
     from safetensors.torch import load_file
 
     from ..pipelines import DFMPipeline
+    from ..pipelines.fim import add_fim_tokens
 
     recipe_file = os.path.join(adapter_dir, BASE_RECIPE_FILE)
     if not os.path.isfile(recipe_file):
@@ -265,6 +268,8 @@ def load_adapted_pipeline(adapter_dir: str, fuse: bool = True) -> Any:
     else:
         pipe = DFMPipeline.from_pretrained(recipe["init_from_pretrained"])
         set_block_size(pipe.model, recipe.get("block_size"))
+    if recipe.get("fim_tokens"):
+        add_fim_tokens(pipe)
     pipe.model.to(torch.float32)
     rows_file = os.path.join(adapter_dir, EMBEDDING_ROWS_FILE)
     if os.path.isfile(rows_file):

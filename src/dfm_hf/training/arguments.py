@@ -146,6 +146,14 @@ def add_data_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     d.add_argument(
         "--messages_column", default="messages", help="chat turns [{role, content}] (the tokenizer's template)"
     )
+    d.add_argument(
+        "--fim_rate",
+        type=float,
+        default=0.0,
+        help="share of training rows rewritten as fill-in-the-middle, suffix before prefix: <fim_prefix> "
+        "<fim_suffix> suffix <fim_middle> prefix middle (dfm_hf.data.fim); the tokenizer's FIM tokens, else added "
+        "ones (new embedding rows, trained with LoRA too); the model's config then declares them (fim_token_ids)",
+    )
     return d
 
 
@@ -241,6 +249,10 @@ def validate_common_args(args: argparse.Namespace) -> None:
             "`--loss_weighting inverse_t` weights the masked cross-entropy: it needs `--loss ce` (the generalized KL "
             "is weighted by kappa'_t / (1 - kappa_t) already)."
         )
+    if not 0.0 <= args.fim_rate <= 1.0:
+        raise ValueError(f"`--fim_rate` must be a share in [0, 1], got {args.fim_rate}.")
+    if args.fim_rate and args.sft:
+        raise ValueError("`--fim_rate` rewrites packed rows: not with `--sft` (its prompts condition already).")
     args.coupling_spec = parse_coupling(args.coupling)
     if args.block_size is not None and not 1 <= args.block_size <= args.seq_len:
         raise ValueError(

@@ -185,14 +185,23 @@ def load_sft_rows(
 
 
 def make_collator(
-    scheduler: Any, args: argparse.Namespace, tokenizer: Any, return_clean_ids: bool = False
+    scheduler: Any,
+    args: argparse.Namespace,
+    tokenizer: Any,
+    return_clean_ids: bool = False,
+    fim_token_ids: Optional[dict[str, int]] = None,
 ) -> DFMDataCollator:
-    """The training collator: the scheduler's path, ``--coupling``, ``--time_sampling`` and
-    ``--complementary_masks``; ``return_clean_ids`` for a block-diffusion model (the clean half of its input)."""
+    """The training collator: the scheduler's path, ``--coupling``, ``--time_sampling``, ``--complementary_masks``
+    and ``--fim_rate`` (with the model's ``fim_token_ids``); ``return_clean_ids`` for a block-diffusion model (the
+    clean half of its input)."""
+    fim_rate = float(getattr(args, "fim_rate", 0.0))
+    if fim_rate and fim_token_ids is None:
+        raise ValueError("`--fim_rate` needs a model that declares FIM tokens (`config.fim_token_ids`).")
     return DFMDataCollator(scheduler=scheduler, coupling=args.coupling_spec, time_sampling=args.time_sampling,
                            pad_token_id=tokenizer.pad_token_id,
                            complementary_masks=bool(getattr(args, "complementary_masks", False)),
-                           return_clean_ids=return_clean_ids)  # fmt: skip
+                           return_clean_ids=return_clean_ids, fim_rate=fim_rate,
+                           fim_token_ids=fim_token_ids if fim_rate else None)  # fmt: skip
 
 
 def collator_seed(seed: int, global_index: int) -> int:

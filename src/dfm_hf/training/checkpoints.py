@@ -96,6 +96,7 @@ def training_recipe(args: argparse.Namespace) -> dict[str, Any]:
         else None,
         "sft": bool(getattr(args, "sft", False)),
         **({"complementary_masks": True} if getattr(args, "complementary_masks", False) else {}),
+        **({"fim_rate": args.fim_rate} if getattr(args, "fim_rate", 0.0) else {}),
     }
 
 

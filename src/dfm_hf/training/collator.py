@@ -3,6 +3,7 @@
 Per row it draws a time ``t`` in ``[0, t_max]``, a conditioning mask (C-coupling: a clean prompt prefix, or clean
 context around 1-3 infilling spans, or nothing), a source sample ``x0`` and ``x_t ~ p_t(. | x0, x1)`` of the mixture
 path (all through :mod:`dfm_hf.paths`, the one place the kappa formulas live). Padding is never corrupted nor scored.
+With ``fim_rate`` a share of the rows is first rewritten as fill-in-the-middle (:mod:`dfm_hf.data.fim`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .. import paths
+from ..data.fim import FIM_TOKENS, NUM_FIM_TOKENS, fim_rewrite
 from ..models.losses import IGNORE_INDEX
 from ..paths import COUPLINGS, PREDICTION_TYPES
 
@@ -68,6 +70,14 @@ class DFMDataCollator:
             is scored in exactly one row of each pair, and the batch holds twice the rows given.
         return_clean_ids: also return ``clean_ids`` (``x1``, the clean rows, padded), which the block-diffusion
             objective feeds as the clean half of its input.
+        fim_rate: the probability that a row (one without its own ``condition_mask``, of at least 4 real tokens) is
+            rewritten as fill-in-the-middle before the corruption: a middle ``[a, b)`` drawn uniformly (two distinct
+            cut points of its first ``n - 3`` real tokens) and the row laid out as ``<fim_prefix> <fim_suffix> suffix
+            <fim_middle> prefix middle`` with its length kept (:func:`dfm_hf.data.fim.fim_rewrite`). The three
+            control tokens are conditioning (never corrupted nor scored); the rest follows ``coupling``. 0 (default)
+            draws nothing.
+        fim_token_ids: ``{"prefix": id, "suffix": id, "middle": id}`` (e.g. ``config.fim_token_ids``); needed when
+            ``fim_rate > 0``.
 
     Call it on a list of examples (mappings with ``input_ids`` and optional ``attention_mask`` / ``condition_mask``,
     or plain id sequences), on a batch mapping of such lists / tensors, or on a ``(batch, len)`` LongTensor (no
@@ -92,6 +102,8 @@ class DFMDataCollator:
     generator: Optional[torch.Generator] = None
     complementary_masks: bool = False
     return_clean_ids: bool = False
+    fim_rate: float = 0.0
+    fim_token_ids: Optional[Mapping[str, int]] = None
     _schedule: paths.KappaSchedule = field(init=False, repr=False)
     _coupling_names: tuple[str, ...] = field(init=False, repr=False)
     _coupling_probs: torch.Tensor = field(init=False, repr=False)
@@ -169,10 +181,29 @@ class DFMDataCollator:
         for name in ("complementary_masks", "return_clean_ids"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
+        self._check_fim()
         if self.complementary_masks and self.source_distribution != "mask":
             raise ValueError(
                 "`complementary_masks` pairs each row with the complement of its masked positions: it needs the mask "
                 f"source, got `source_distribution`={self.source_distribution!r}."
+            )
+
+    def _check_fim(self) -> None:
+        rate = self.fim_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            raise ValueError(f"`fim_rate` must be a number in [0, 1], got {rate!r}.")
+        ids = self.fim_token_ids
+        if ids is None:
+            if rate > 0:
+                raise ValueError("`fim_rate` > 0 needs `fim_token_ids` ({'prefix': id, 'suffix': id, 'middle': id}).")
+            return
+        if (
+            not isinstance(ids, Mapping)
+            or set(ids) != set(FIM_TOKENS)
+            or not all(_is_int(v) and v >= 0 and (self.vocab_size is None or v < self.vocab_size) for v in ids.values())
+        ):
+            raise ValueError(
+                f"`fim_token_ids` must map {sorted(FIM_TOKENS)} to token ids in [0, vocab_size), got {ids!r}."
             )
 
     @property
@@ -247,6 +278,23 @@ class DFMDataCollator:
         has_given = torch.tensor([c is not None for c in conds], dtype=torch.bool)
         return x1, real, given & real, has_given
 
+    def _rewrite_fim(
+        self, x1: torch.Tensor, real: torch.Tensor, has_given: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x1`` with a ``fim_rate`` share of its rows rewritten as FIM (see ``fim_rate``; a copy) and the bool
+        ``(batch, len)`` mask of their control tokens."""
+        x1, controls = x1.clone(), torch.zeros_like(real)
+        chosen = torch.rand(x1.shape[0], generator=self.generator, dtype=torch.float64) < self.fim_rate
+        for i in chosen.nonzero().flatten().tolist():
+            where = real[i].nonzero().flatten()
+            n = where.numel() - NUM_FIM_TOKENS
+            if bool(has_given[i]) or n < 1:
+                continue
+            start, end = sorted((torch.randperm(n + 1, generator=self.generator)[:2]).tolist())
+            x1[i, where], at = fim_rewrite(x1[i, where], start, end, self.fim_token_ids)
+            controls[i, where[at]] = True
+        return x1, controls
+
     def _sample_times(self, batch: int) -> torch.Tensor:
         u = torch.rand(batch, generator=self.generator, dtype=torch.float32)
         if self.time_sampling == "stratified":
@@ -291,9 +339,14 @@ class DFMDataCollator:
             if low < 0 or high >= self.vocab_size:
                 raise ValueError(f"`input_ids` must lie in [0, vocab_size={self.vocab_size}), got [{low}, {high}].")
         batch = x1.shape[0]
+        fim_controls = None
+        if self.fim_rate > 0:
+            x1, fim_controls = self._rewrite_fim(x1, real, has_given)
         t = self._sample_times(batch)
         cond = self._condition_masks(real)
         cond = torch.where(has_given[:, None], given, cond)
+        if fim_controls is not None:
+            cond |= fim_controls
 
         x0 = paths.sample_source(x1, self.source_distribution, self.mask_token_id, self.vocab_size, self.generator)
         x0 = torch.where(real, x0, x1)  # padding is never corrupted

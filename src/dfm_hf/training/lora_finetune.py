@@ -147,7 +147,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     world = accelerator.num_processes
     optimizer, lr_sched = make_optimizer(trainable, args, world)
-    collator = make_collator(scheduler, args, tokenizer, return_clean_ids=model.config.block_size is not None)
+    collator = make_collator(scheduler, args, tokenizer, return_clean_ids=model.config.block_size is not None,
+                             fim_token_ids=getattr(model.config, "fim_token_ids", None))  # fmt: skip
     num_rows = None if args.streaming else len(train_rows)
     plan = BatchPlan(num_rows, args.train_batch_size, args.gradient_accumulation_steps, world, args.seed)
     log = make_logger(args.output_dir, main_proc)

@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..data.fim import fim_token_ids_of
 from ..devices import accelerator_available
 from ..models.losses import IGNORE_INDEX, generalized_kl_loss
 from .adapters import apply_lora, check_lora_targets, init_source, load_init_pipeline, save_training_adapter
@@ -176,6 +177,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from ..models import DFMForMaskedGeneration
+    from ..pipelines.fim import add_fim_tokens
 
     accelerator = make_accelerator(args)
     set_seed(args.seed)
@@ -187,6 +189,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     # ---- tokenizer and model: from a pretrained model (--init_from_*), or a given / trained tokenizer + a config
     base = load_init_pipeline(args)
     tokenizer = _tokenizer(args, base, train_files)
+    new_fim_rows = add_fim_tokens(base) if args.fim_rate and base is not None else []  # --fim_rate's control tokens
 
     # ---- model config, scheduler (the path used for training); resume check; packed rows
     if base is not None:
@@ -215,13 +218,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_r:
-        new_rows = [config.mask_token_id] if args.init_from_causal_lm else None
-        model = apply_lora(model, args, trainable_token_indices=new_rows)
+        new_rows = ([config.mask_token_id] if args.init_from_causal_lm else []) + new_fim_rows
+        model = apply_lora(model, args, trainable_token_indices=new_rows or None)
     world = accelerator.num_processes
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, lr_sched = make_optimizer(trainable, args, world)
     model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
-    collator = make_collator(scheduler, args, tokenizer, return_clean_ids=config.block_size is not None)
+    collator = make_collator(scheduler, args, tokenizer, return_clean_ids=config.block_size is not None,
+                             fim_token_ids=config.fim_token_ids)  # fmt: skip
     num_rows = None if args.streaming else len(train_rows)
     plan = BatchPlan(num_rows, args.train_batch_size, args.gradient_accumulation_steps, world, args.seed)
 
@@ -329,7 +333,8 @@ def _model_config(args: argparse.Namespace, tokenizer: Any) -> Any:
     from ..models import DFMConfig
 
     ids = {k: getattr(tokenizer, k, None) for k in TOKEN_ID_KEYS if k != "vocab_size"}
-    return DFMConfig(**args.model_config_fields, vocab_size=len(tokenizer), **ids)
+    fim = fim_token_ids_of(tokenizer) if args.fim_rate else None  # adds missing FIM tokens before the size is read
+    return DFMConfig(**args.model_config_fields, vocab_size=len(tokenizer), fim_token_ids=fim, **ids)
 
 
 def _scheduler(args: argparse.Namespace, tokenizer: Any, vocab_size: Optional[int] = None, base: Any = None) -> Any:

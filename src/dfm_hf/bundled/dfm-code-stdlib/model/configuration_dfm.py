@@ -248,6 +248,25 @@ def _check_body(config: DFMConfig) -> None:
         raise ValueError("`subs_parameterization=True` needs a `mask_token_id` (the logit it removes).")
 
 
+def _check_fim_token_ids(config: Any) -> None:
+    """Raise ``ValueError`` unless ``fim_token_ids`` is None or ``{"prefix", "suffix", "middle"}`` -> distinct ids in
+    ``[0, vocab_size)``, none of them the mask token."""
+    ids = config.fim_token_ids
+    if ids is None:
+        return
+    values = list(ids.values()) if isinstance(ids, dict) else []
+    if (
+        sorted(ids if isinstance(ids, dict) else ()) != ["middle", "prefix", "suffix"]
+        or not all(_is_int(v) and 0 <= v < config.vocab_size for v in values)
+        or len(set(values)) != 3
+        or config.mask_token_id in values
+    ):
+        raise ValueError(
+            "`fim_token_ids` must be None or {'prefix': id, 'suffix': id, 'middle': id} with three distinct ids in "
+            f"[0, vocab_size={config.vocab_size}) other than the mask token, got {ids!r}."
+        )
+
+
 class DFMConfig(PretrainedConfig):
     """Configuration of :class:`DFMForMaskedGeneration`, a bidirectional transformer denoiser ``p_{1|t}(x1 | x_t)``.
 
@@ -322,6 +341,9 @@ class DFMConfig(PretrainedConfig):
         cond_dim: width of the DiT's conditioning vector (``body="dit"`` only; None otherwise).
         subs_parameterization: MDLM's SUBS output: the mask token's logit is ``-inf`` and a position whose input is
             not the mask token puts all its mass on that input (logit 0 there, ``-inf`` elsewhere).
+        fim_token_ids: ``None`` or the fill-in-the-middle control tokens ``{"prefix": id, "suffix": id, "middle":
+            id}`` the model was trained with (layout: :mod:`dfm_hf.data.fim`); a block-diffusion model with them
+            infills a prompt's one run of mask tokens through that layout.
 
     The training loss is not a model setting: the training code chooses it. A ``loss_type`` key in ``config.json`` is
     dropped on load, not stored (transformers' models use that attribute name for their own loss lookup).
@@ -369,6 +391,7 @@ class DFMConfig(PretrainedConfig):
         body: str = "llama",
         cond_dim: Optional[int] = None,
         subs_parameterization: bool = False,
+        fim_token_ids: Optional[dict[str, int]] = None,
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -405,6 +428,7 @@ class DFMConfig(PretrainedConfig):
         self.body = body
         self.cond_dim = cond_dim
         self.subs_parameterization = subs_parameterization
+        self.fim_token_ids = fim_token_ids
         self._validate_sizes()  # before the base class: its own validators divide by these
         _check_rope_parameters(self.rope_parameters, self.head_dim)  # before the base class's, which only warns
         # Special ids and tying go through the base class so that both transformers 4.x and 5.x store them.
@@ -468,6 +492,7 @@ class DFMConfig(PretrainedConfig):
         check_block_size(self.block_size)
         _check_moe(self)
         _check_body(self)
+        _check_fim_token_ids(self)
         for key in ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, key, None)
             values = value if key == "eos_token_id" and isinstance(value, (list, tuple)) else [value]

@@ -19,7 +19,7 @@ step is such a full forward, exact up to float rounding; otherwise the cached st
 is the exact path.
 
 A block-diffusion model (``config.block_size``) needs none of this: its finished blocks never change, and its exact
-cache is :class:`~dfm_hf.pipelines.runner.BlockRunner`'s (:func:`resolve_kv_cache` picks it).
+cache is :class:`~dfm_hf.generation.runner.BlockRunner`'s (:func:`resolve_kv_cache` picks it).
 """
 
 from __future__ import annotations

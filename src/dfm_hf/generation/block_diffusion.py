@@ -20,7 +20,7 @@ attends in blocks of ``L``).
   scheduler's :meth:`~dfm_hf.ConfidenceUnmaskingScheduler.inference_steps`: ``L`` steps per block, one position a
   step plus those above the threshold); :class:`~dfm_hf.DiscreteFlowScheduler` runs its time grid inside the block.
   All rows work on the same block columns at once; a row that has done its steps for the block waits.
-* **Model calls** (:class:`~dfm_hf.pipelines.runner.BlockRunner`). The full blocks of the prompt and the first block
+* **Model calls** (:class:`~dfm_hf.generation.runner.BlockRunner`). The full blocks of the prompt and the first block
   run once; then each step runs only the open block as queries against the cache. The first call of a block runs
   ``[finished block | open block]``: it appends the finished block's keys and values and gives the open block's
   first-step logits (no extra call per block). ``kv_cache=None`` runs the same algorithm without the cache (every
@@ -28,7 +28,8 @@ attends in blocks of ``L``).
 * **Stopping.** A row stops after the block in which it committed EOS; a stopped row runs no model.
 
 Infilling (mask tokens inside the prompt) is refused: the open block attends only to earlier blocks, so it cannot
-see the text after it.
+see the text after it; a model trained with fill-in-the-middle data that declares its FIM tokens
+(``config.fim_token_ids``) infills through them instead (:mod:`~dfm_hf.pipelines.fim`).
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ from typing import Any, Optional
 
 import torch
 
-from ..generation.streamers import DraftFeed
 from ..schedulers.editing import timesteps_with_editing
 from ..schedulers.utils import block_grid_windows
+from .call import SamplingCall, SamplingResult
 from .callbacks import run_step_callback
 from .runner import BlockRunner
+from .streamers import DraftFeed
 
 
 @dataclass
@@ -134,33 +136,13 @@ def check_block_prompts(prompts: list[list[int]], mask_token_id: int, block_size
         raise ValueError(
             f"Infilling (mask tokens inside the prompt) is not supported by a block-diffusion model (block_size="
             f"{block_size}): a block attends only to itself and earlier blocks, so the open block cannot see the text "
-            "after it. Use a full-attention model to infill, or put the text to complete at the end of the prompt."
+            "after it. Use a full-attention model or one trained with FIM tokens (`config.fim_token_ids`) to "
+            "infill, or put the text to complete at the end of the prompt."
         )
 
 
-def eos_ids(pipe: Any) -> Optional[torch.Tensor]:
-    """The EOS ids a row stops at: the tokenizer's, else the model config's (an id or a list); None without one."""
-    eos = getattr(pipe.tokenizer, "eos_token_id", None) if pipe.tokenizer is not None else None
-    if eos is None:
-        eos = getattr(pipe.model.config, "eos_token_id", None)
-    if eos is None:
-        return None
-    return torch.tensor(list(eos) if isinstance(eos, (list, tuple)) else [eos], dtype=torch.long)
-
-
-@dataclass
-class BlockSamplingResult:
-    """What :func:`generate_blocks` returns (host tensors): the final rows, the positions to return (prompt and the
-    generated positions of the blocks each row ran; or only the latter), the generated positions, and ``nfe``."""
-
-    sample: torch.Tensor
-    keep: torch.Tensor
-    generated: torch.Tensor
-    nfe: int
-
-
 def generate_blocks(
-    pipe: Any,
+    call: SamplingCall,
     scheduler: Any,
     prompts: list[list[int]],
     gen_length: int,
@@ -174,18 +156,17 @@ def generate_blocks(
     tensor_inputs: list[str],
     return_full_text: bool,
     streamer: Optional[Any] = None,
-) -> BlockSamplingResult:
-    """Run block-diffusion sampling for ``pipe`` (module docstring); ``cached`` selects the key/value cache.
+) -> SamplingResult:
+    """Run block-diffusion sampling for ``call`` (module docstring); ``cached`` selects the key/value cache.
 
-    A callback gets ``(pipe, step, timestep, {"sample", "condition_mask"})`` after each step, with the left-padded
-    rows of the whole layout; ``step`` counts the steps of the call and ``timestep`` is the block's own time. A
-    ``streamer`` gets the columns before the first generated block, then the open block's columns as each draft and
-    again when the block finishes (:mod:`dfm_hf.generation.streamers`).
+    A callback gets ``(call.callback_owner, step, timestep, {"sample", "condition_mask"})`` after each step, with the
+    left-padded rows of the whole layout; ``step`` counts the steps of the call and ``timestep`` is the block's own
+    time. A ``streamer`` gets the columns before the first generated block, then the open block's columns as each
+    draft and again when the block finishes (:mod:`dfm_hf.generation.streamers`).
     """
-    model, mask = pipe.model, pipe.mask_token_id
+    model, mask, device = call.model, call.mask_token_id, call.device
     length = sampler_block_length(model, scheduler)
-    layout = block_layout(prompts, gen_length, length, mask, pipe._pad_id())
-    device = pipe._execution_device
+    layout = block_layout(prompts, gen_length, length, mask, call.pad_token_id)
     sample, condition = layout.sample.to(device), layout.condition.to(device)
     padded = not bool(layout.attention.all())
     attention = layout.attention.to(device) if padded else None
@@ -204,15 +185,15 @@ def generate_blocks(
         None if length == model.config.block_size else length,
     )
     num_steps = scheduler.inference_steps(num_inference_steps, max(layout.num_blocks) * length, length)
-    pipe._num_timesteps = num_steps
+    call.set_num_timesteps(num_steps)
     steps = block_steps(layout.num_blocks, num_steps)
-    eos = eos_ids(pipe)
+    eos = call.eos_token_ids
     active = torch.ones(sample.shape[0], dtype=torch.bool)  # rows still generating (host)
     ran = torch.zeros(sample.shape[0], dtype=torch.long)  # blocks each row has run
     count = 0
-    feed = DraftFeed(streamer, pipe._pad_id())
+    feed = DraftFeed(streamer, call.pad_token_id)
     feed.put(sample[:, : layout.start])
-    for j in pipe.progress_bar(range(steps.shape[1])):
+    for j in call.progress_bar(range(steps.shape[1])):
         row_steps = torch.where(active, steps[:, j], 0)
         if not bool(row_steps.any()):
             break
@@ -227,7 +208,7 @@ def generate_blocks(
             block = scheduler.step(logits, t, block, generator=generator, condition_mask=given, plan=plan).prev_sample
             del logits
             sample = torch.cat([sample[:, :start], block, sample[:, end:]], dim=1)
-            sample = run_step_callback(callback, pipe, count, t, sample, condition, tensor_inputs)
+            sample = run_step_callback(callback, call.callback_owner, count, t, sample, condition, tensor_inputs)
             count += 1
             feed.draft(sample[:, start:end], runner.nfe, row_steps_device > 0)
         feed.put(sample[:, start:end], row_steps_device > 0)
@@ -244,16 +225,14 @@ def generate_blocks(
     reached = columns.unsqueeze(0) < (layout.start + ran * length).unsqueeze(1)
     generated = layout.generated & reached
     keep = generated | (layout.attention.bool() & layout.condition) if return_full_text else generated
-    return BlockSamplingResult(sample, keep, generated, runner.nfe)
+    return SamplingResult(sample, keep, generated, runner.nfe)
 
 
 __all__ = [
     "BlockLayout",
-    "BlockSamplingResult",
     "block_layout",
     "block_steps",
     "check_block_prompts",
-    "eos_ids",
     "generate_blocks",
     "sampler_block_length",
 ]
