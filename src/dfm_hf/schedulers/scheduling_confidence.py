@@ -22,17 +22,8 @@ step ``i`` commits ``k = ceil(m_w / (floor(w_i N / B) - i))`` of the ``m_w`` mas
 :func:`~dfm_hf.schedulers.utils.block_windows`). With ``N`` a multiple of ``B`` each block gets ``N / B`` steps
 (LLaDA's schedule); the last step commits every block.
 
-``transfer_schedule`` says how many positions a step commits (``k``; the last step of a window commits what is
-left in any case): ``"even"`` is the rule above, ``k = ceil(m / steps_left)`` (LLaDA's even split of the remaining
-tokens); ``"fixed"`` is ``k = min(m, ceil(W / S))`` with ``W`` the width of the window (its blocks times the block
-length, given positions included; without blocks the number of positions to generate) and ``S`` the steps the window
-gets (SDAR's block-diffusion rule: a window with fewer masks, such as a block holding the prompt's tail, finishes
-early and its remaining steps run no model); ``"dream"`` is Dream's rule: the ``S`` steps of the window run on
-``t_j = linspace(1, eps, S + 1)`` (float32, ``eps = transfer_eps``, 1e-3 by default) and local step ``j`` commits
-``k = floor(m * (1 - t_{j+1} / t_j))`` (computed in float32, as Dream does), the last step everything left; a step
-whose ``k`` is 0 reads no logits. With Dream's defaults and ``N`` equal to the positions to generate it commits
-0, 1, ..., 1, 2. ``None`` (default) picks ``"fixed"`` when the caller passes the windows (:meth:`plan_step`'s
-``windows``: the block grid of a block-diffusion model) and ``"even"`` otherwise.
+``transfer_schedule`` (``"even"``, ``"fixed"``, ``"dream"``) says how many positions a step commits and
+``threshold_rule`` (``"schedule"``, ``"top1"``) what a threshold is added to: :mod:`~dfm_hf.schedulers.transfer`.
 
 ``rank_on_processed=True`` computes the confidence on the distribution the tokens are drawn from, as Dream does:
 ``q = softmax(filter(logits / T))`` after temperature ``T`` (no division at temperature 0, where the token is the
@@ -55,19 +46,6 @@ no logits (the pipeline runs no model there), and ``num_inference_steps`` become
 For ``"probability"`` the threshold is a probability; for ``"margin"`` a probability gap; for ``"entropy"`` a
 negative entropy (<= 0).
 
-``threshold_rule`` says what the threshold is added to. ``"schedule"`` (default) is the rule above: the ``k`` of the
-transfer schedule plus every position above ``tau``. ``"top1"`` is Fast-dLLM's rule: a step commits
-
-    ``C = {argmax_j c_j} | {j : c_j > tau}``
-
-over the ranked positions ``j`` of the row (the single most confident one plus every one above ``tau``), and
-``num_inference_steps`` is not binding: a window takes as many steps as it needs, at most one per position.
-:meth:`inference_steps` tells the pipeline how many steps to run for that (one per position of the widest window,
-times the windows); a window whose positions are all committed reads no logits for the rest of its steps. It is the
-``"even"`` count ``k = ceil(m / steps_left)`` on such a grid (``m <= steps_left`` at every step, so ``k = 1``; should a
-callback re-mask positions, the window's last step still commits all of them), and needs ``confidence_threshold``
-(``transfer_schedule`` None or ``"even"``).
-
 ``sub_block_length`` and ``autoregressive_first_token`` give Fast-dLLM v2's order inside a block, its first position
 alone (autoregressive for a ``logits_shift`` model), then sub-blocks left to right (:func:`~.utils.block_order`).
 """
@@ -88,6 +66,7 @@ from ..rng import GeneratorLike, check_generator, draw_rows
 from .diffusers_convention import DiffusersConventionMixin, DiscreteSchedulerOutput
 from .editing import TokenEditor, validate_editing
 from .sampling import LogitRows, check_sampling_dtype, greedy_with_log_probability, inverse_cdf, process_logits
+from .transfer import commit_counts, dream_grid, top1_steps, validate_dream_options, validate_transfer
 from .utils import (
     BlockWindows,
     DFMSchedulerMixin,
@@ -103,8 +82,6 @@ from .utils import (
 
 REMASKING = ("low_confidence", "random")
 CONFIDENCES = ("probability", "margin", "entropy")
-TRANSFER_SCHEDULES = ("even", "fixed", "dream")
-THRESHOLD_RULES = ("schedule", "top1")
 
 
 @dataclass
@@ -176,26 +153,8 @@ class ConfidenceUnmaskingScheduler(DiffusersConventionMixin, DFMSchedulerMixin, 
         validate_sampling_args(temperature, top_k, top_p)
         check_sampling_dtype(sampling_dtype)
         validate_block_length(block_length)
-        if transfer_schedule is not None and transfer_schedule not in TRANSFER_SCHEDULES:
-            raise ValueError(
-                f"`transfer_schedule` must be None or one of {list(TRANSFER_SCHEDULES)}, got {transfer_schedule!r}."
-            )
-        if confidence_threshold is not None:
-            if (
-                isinstance(confidence_threshold, bool)
-                or not isinstance(confidence_threshold, (int, float))
-                or not math.isfinite(confidence_threshold)
-            ):
-                raise ValueError(
-                    f"`confidence_threshold` must be None or a finite number, got {confidence_threshold!r}."
-                )
-            if remasking != "low_confidence":
-                raise ValueError(
-                    "`confidence_threshold` needs `remasking`='low_confidence' (a random order has no confidence), "
-                    f"got remasking={remasking!r}."
-                )
-        _validate_dream_options(transfer_eps, rank_on_processed, alg_temp, remasking, confidence_threshold)
-        _validate_threshold_rule(threshold_rule, confidence_threshold, transfer_schedule)
+        validate_transfer(transfer_schedule, confidence_threshold, threshold_rule, remasking)
+        validate_dream_options(transfer_eps, rank_on_processed, alg_temp, remasking, confidence_threshold)
         validate_block_order(sub_block_length, autoregressive_first_token)
         validate_editing(editing_threshold, max_post_steps, remasking, confidence, alg_temp)
         self.token_editor: Optional[TokenEditor] = None  # LLaDA2.1's token editing (editing.py)
@@ -227,7 +186,7 @@ class ConfidenceUnmaskingScheduler(DiffusersConventionMixin, DFMSchedulerMixin, 
         if self.token_editor is not None:
             self.token_editor.reset()
         if self.config.transfer_schedule == "dream":
-            self._dream_grid = _dream_grid(num_inference_steps, self.config.transfer_eps)
+            self._dream_grid = dream_grid(num_inference_steps, self.config.transfer_eps)
 
     def plan_step(
         self,
@@ -295,37 +254,19 @@ class ConfidenceUnmaskingScheduler(DiffusersConventionMixin, DFMSchedulerMixin, 
         span: Union[int, torch.Tensor],
         explicit: bool,
     ) -> torch.Tensor:
-        """``k`` per row: ``ceil(m / steps_left)`` ("even", and ``threshold_rule="top1"``),
-        ``min(m, max(ceil(W / S), ceil(m / steps_left)))`` ("fixed": the second term only ever matters when a
-        callback re-masked positions), or Dream's ``floor(m * (1 - t_{j+1} / t_j))`` at local step
-        ``j = S - steps_left`` (``m`` at the last step)."""
-        schedule = self.config.transfer_schedule or ("fixed" if explicit else "even")
-        if self.config.threshold_rule == "top1":
+        """``k`` per row under the call's transfer schedule (:func:`~dfm_hf.schedulers.transfer.commit_counts`);
+        ``explicit``: the caller passed the windows (the block grid of a block-diffusion model)."""
+        c = self.config
+        schedule = c.transfer_schedule or ("fixed" if explicit else "even")
+        if c.threshold_rule == "top1":
             schedule = "even"
-        if schedule == "dream":
-            return self._dream_commits(masked, steps_left, span)
-        even = (masked + steps_left - 1) // steps_left
-        if schedule == "even":
-            return even
-        fixed = (width + span - 1) // span
-        return torch.minimum(masked, torch.maximum(fixed, even))
+        return commit_counts(schedule, masked, steps_left, width, span, self._grid_of)
 
-    def _dream_commits(
-        self, masked: torch.Tensor, steps_left: Union[int, torch.Tensor], span: Union[int, torch.Tensor]
-    ) -> torch.Tensor:
-        """Dream's ``int(m * (1 - t_{j+1} / t_j))`` in float32 on ``t = linspace(1, eps, S + 1)``, ``m`` at the last
-        step; ``S`` and ``steps_left`` may differ per row (blocks)."""
-        spans = torch.as_tensor(span).expand(masked.shape).cpu()
-        local = spans - torch.as_tensor(steps_left).expand(masked.shape).cpu()
-        ratio = torch.empty(masked.shape, dtype=torch.float32)
-        for s in spans.unique().tolist():
-            grid = self._dream_grid if s == self.num_inference_steps else _dream_grid(s, self.config.transfer_eps)
-            rows = spans == s
-            j = local[rows].clamp(0, s - 1)
-            ratio[rows] = 1 - grid[j + 1] / grid[j]
-        k = (masked.to(torch.float32) * ratio.to(masked.device)).floor().to(masked.dtype)
-        last = torch.as_tensor(steps_left, device=masked.device) <= 1
-        return torch.where(last, masked, torch.minimum(k, masked))
+    def _grid_of(self, steps: int) -> torch.Tensor:
+        """Dream's grid of a window of ``steps`` steps (the call's own grid is computed once per call)."""
+        if steps == self.num_inference_steps and self._dream_grid is not None:
+            return self._dream_grid
+        return dream_grid(steps, self.config.transfer_eps)
 
     def inference_steps(self, num_inference_steps: int, positions: int, block_length: Optional[int] = None) -> int:
         """The steps a call runs when ``num_inference_steps`` are asked for rows of at most ``positions`` positions
@@ -336,11 +277,7 @@ class ConfidenceUnmaskingScheduler(DiffusersConventionMixin, DFMSchedulerMixin, 
         then gets at least one step per position, and a window ends when its positions are committed).
         """
         steps = validate_num_inference_steps(num_inference_steps)
-        if self.config.threshold_rule != "top1":
-            return steps
-        width = positions if block_length is None else min(block_length, positions)
-        width = max(width, 1)
-        return width * -(-max(positions, 1) // width)
+        return top1_steps(positions, block_length) if self.config.threshold_rule == "top1" else steps
 
     def _idle_rows_read_nothing(self, needs: torch.Tensor, commits: torch.Tensor) -> torch.Tensor:
         """Under Dream's schedule a row whose step commits nothing (and has no threshold to apply) reads no logits."""
@@ -485,65 +422,3 @@ def _score(log_probs: torch.Tensor, tokens: torch.Tensor, confidence: str) -> to
         return top2[:, 0] - second
     probs = log_probs.exp()
     return (probs * log_probs.masked_fill(probs == 0, 0.0)).sum(-1)
-
-
-def _dream_grid(steps: int, eps: float) -> torch.Tensor:
-    """Dream's time grid ``linspace(1, eps, steps + 1)`` in float32 (on the CPU: the commit counts are read from it)."""
-    return torch.linspace(1, eps, steps + 1, dtype=torch.float32)
-
-
-def _validate_dream_options(
-    transfer_eps: object,
-    rank_on_processed: object,
-    alg_temp: object,
-    remasking: str,
-    confidence_threshold: Optional[float],
-) -> None:
-    """Raise ``ValueError`` naming the argument for a bad ``transfer_eps``, ``rank_on_processed`` or ``alg_temp``."""
-    if (
-        isinstance(transfer_eps, bool)
-        or not isinstance(transfer_eps, (int, float))
-        or not math.isfinite(transfer_eps)
-        or not 0 < transfer_eps < 1
-    ):
-        raise ValueError(f"`transfer_eps` must be a number in (0, 1) (Dream's eps), got {transfer_eps!r}.")
-    if not isinstance(rank_on_processed, bool):
-        raise ValueError(f"`rank_on_processed` must be True or False, got {rank_on_processed!r}.")
-    if alg_temp is None:
-        return
-    if (
-        isinstance(alg_temp, bool)
-        or not isinstance(alg_temp, (int, float))
-        or not math.isfinite(alg_temp)
-        or alg_temp < 0
-    ):
-        raise ValueError(f"`alg_temp` must be None or a finite number >= 0, got {alg_temp!r}.")
-    if alg_temp > 0 and remasking != "low_confidence":
-        raise ValueError(
-            f"`alg_temp` needs `remasking`='low_confidence' (it randomises the confidence ranking), got {remasking!r}."
-        )
-    if alg_temp > 0 and confidence_threshold is not None:
-        raise ValueError(
-            "`alg_temp` and `confidence_threshold` cannot be combined: pick the random or the threshold rule."
-        )
-
-
-def _validate_threshold_rule(
-    threshold_rule: object, confidence_threshold: Optional[float], transfer_schedule: Optional[str]
-) -> None:
-    """Raise ``ValueError`` naming ``threshold_rule`` for a value not in :data:`THRESHOLD_RULES`, and for ``"top1"``
-    without ``confidence_threshold`` or with a transfer schedule other than None / ``"even"``."""
-    if threshold_rule not in THRESHOLD_RULES:
-        raise ValueError(f"`threshold_rule` must be one of {list(THRESHOLD_RULES)}, got {threshold_rule!r}.")
-    if threshold_rule != "top1":
-        return
-    if confidence_threshold is None:
-        raise ValueError(
-            "`threshold_rule`='top1' (Fast-dLLM's rule: the most confident position plus every one above the "
-            "threshold) needs `confidence_threshold`, got None."
-        )
-    if transfer_schedule not in (None, "even"):
-        raise ValueError(
-            "`threshold_rule`='top1' commits one position a step plus those above the threshold: `transfer_schedule` "
-            f"must be None or 'even', got {transfer_schedule!r}."
-        )
