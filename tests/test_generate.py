@@ -414,3 +414,10 @@ def test_generate_refuses_bad_arguments_by_name():
     with pytest.raises(TypeError, match="`generation_config` must be a DFMGenerationConfig"):
         model.generate(ids, generation_config={"max_new_tokens": 3})
     assert model.generation_config.max_new_tokens == 64  # a call's keyword arguments leave the model's config alone
+
+
+def test_generate_on_a_block_model_refuses_infilling():
+    pipe = block_pipe()
+    ids = torch.tensor([[5, pipe.mask_token_id, 7]])
+    with pytest.raises(ValueError, match="Infilling \\(mask tokens inside the prompt\\) is not supported"):
+        pipe.model.generate(ids, max_new_tokens=4)

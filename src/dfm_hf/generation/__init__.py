@@ -1,5 +1,6 @@
-"""Generation: `DFMGenerationConfig` (``generation_config.json``), ``DFMForMaskedGeneration.generate`` (its mixin) and
-the streamers of intermediate drafts (names resolve lazily)."""
+"""Generation: the sampling loops shared by `DFMPipeline` and ``DFMForMaskedGeneration.generate`` (full attention,
+block diffusion, the model runners and caches), `DFMGenerationConfig` (``generation_config.json``), the model's
+``generate()`` mixin and the streamers of intermediate drafts (names resolve lazily)."""
 
 from __future__ import annotations
 

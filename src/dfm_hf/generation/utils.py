@@ -15,7 +15,12 @@ from typing import Any, Optional, Union
 import torch
 from transformers.utils import ModelOutput
 
+from ..rng import check_generator
+from .block_diffusion import check_block_prompts, generate_blocks
+from .call import SamplingCall, eos_token_ids
 from .configuration import DFMGenerationConfig
+from .full_attention import generate_full_attention, pack_rows
+from .kv_cache import resolve_kv_cache
 
 
 @dataclass
@@ -110,9 +115,50 @@ class DFMGenerationMixin:
             :class:`DFMGenerateOutput` with ``sequences`` and ``nfe``.
         """
         config = self._generation_config_for_call(generation_config, kwargs)
+        model_config = self.config
         prompts = prompt_rows(input_ids, attention_mask)
-        scheduler = config.build_scheduler(self.config.mask_token_id, self.config.vocab_size)
-        raise NotImplementedError(prompts, scheduler, streamer, generator)
+        scheduler = config.build_scheduler(model_config.mask_token_id, model_config.vocab_size)
+        mask = model_config.mask_token_id
+        mask = scheduler.config.get("mask_token_id") if mask is None else mask
+        if mask is None:
+            raise ValueError("generate() needs a mask token id: neither the model config nor the sampler has one.")
+        for ids in prompts:
+            check_prompt(
+                ids, config.max_new_tokens, mask, model_config.vocab_size, model_config.max_position_embeddings,
+                length_name="max_new_tokens",
+            )  # fmt: skip
+        check_generator(generator, len(prompts))
+        block_size = getattr(model_config, "block_size", None)
+        if block_size is not None:
+            check_block_prompts(prompts, mask, block_size)
+        pad = next(p for p in (config.pad_token_id, model_config.pad_token_id, mask) if p is not None)
+        call = SamplingCall(
+            model=self,
+            mask_token_id=mask,
+            pad_token_id=pad,
+            device=self.device,
+            eos_token_ids=eos_token_ids(None, config),
+        )
+        cache_mode = resolve_kv_cache("auto", None, scheduler, model_config)
+        common = dict(
+            scheduler=scheduler,
+            prompts=prompts,
+            gen_length=config.max_new_tokens,
+            num_inference_steps=config.num_inference_steps,
+            generator=generator,
+            guidance_scale=config.guidance_scale,
+            skip_idle_steps=True,
+            use_logits_to_keep=True,
+            callback=None,
+            tensor_inputs=[],
+            return_full_text=True,
+            streamer=streamer,
+        )
+        if block_size is not None:
+            result = generate_blocks(call, cached=cache_mode == "block", **common)
+        else:
+            result = generate_full_attention(call, kv_cache=cache_mode, **common)
+        return DFMGenerateOutput(sequences=pack_rows(result.sample, result.keep, pad), nfe=result.nfe)
 
     def _generation_config_for_call(
         self, generation_config: Optional[DFMGenerationConfig], kwargs: dict[str, Any]

@@ -11,7 +11,8 @@ a key/value cache (Fast-dLLM style prefix / dual caching) runs through ``past_ke
 
 This file imports only ``torch``, ``transformers`` and its sibling files (configuration, rotary, masking, cache,
 losses, validation): ``save_pretrained`` copies them next to the weights, and the checkpoint loads as remote code with
-``trust_remote_code=True``.
+``trust_remote_code=True``. ``generate()`` comes from ``dfm_hf.generation`` where ``dfm_hf`` is installed; a
+remote-code copy loaded without it runs ``forward`` only.
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ from .validation import (
     prepare_position_ids,
     prepare_timesteps,
 )
+
+try:  # generate() and generation_config.json (a layer of dfm_hf below this module)
+    from dfm_hf.generation import DFMGenerationMixin
+except ImportError:
+    if __package__ == "dfm_hf.models":  # the library itself: a real error
+        raise
+    DFMGenerationMixin = type("DFMForwardOnly", (), {})  # a remote-code copy where dfm_hf is not installed
 
 
 @dataclass
@@ -271,8 +279,9 @@ class DFMModel(DFMPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class DFMForMaskedGeneration(DFMPreTrainedModel):
-    """DFM denoiser: :class:`DFMModel` + an LM head giving the logits of ``p_{1|t}``.
+class DFMForMaskedGeneration(DFMGenerationMixin, DFMPreTrainedModel):
+    """DFM denoiser: :class:`DFMModel` + an LM head giving the logits of ``p_{1|t}``; ``generate()`` from
+    :class:`~dfm_hf.generation.utils.DFMGenerationMixin` (settings: ``generation_config``).
 
     The head is tied to the input embeddings unless ``config.tie_word_embeddings=False``. With
     ``config.logits_shift`` it reads the hidden state of position ``i - 1`` for token ``i`` (Dream / adapted causal
