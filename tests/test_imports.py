@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("dfm_hf", "dfm_hf._lazy", "dfm_hf.devices", "dfm_hf.rng", "dfm_hf.paths", "dfm_hf.data"),
     ("dfm_hf.schedulers",),
     ("dfm_hf.hub",),
-    ("dfm_hf.models", "dfm_hf.models.configuration_dfm"),
+    ("dfm_hf.models", "dfm_hf.models.configuration_dfm", "dfm_hf.models.rope_parameters"),
     ("dfm_hf.conversion",),
     ("dfm_hf.models.*",),  # the modeling modules: they look the conversion up when loading a foreign checkpoint
     ("dfm_hf.generation",),  # generate(), its config and streamers: the model's mixin, run on the low-level modules

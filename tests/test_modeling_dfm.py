@@ -44,6 +44,7 @@ MODEL_FILES = (
     "masking.py",
     "modeling_dfm.py",
     "moe.py",
+    "rope_parameters.py",
     "rotary.py",
     "validation.py",
 )

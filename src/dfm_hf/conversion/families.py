@@ -9,7 +9,7 @@ import re
 from collections.abc import Collection
 from typing import Any, Optional
 
-from ..models.configuration_dfm import DEFAULT_ROPE_THETA, ROPE_PARAMETER_KEYS, ROPE_TYPES
+from ..models.rope_parameters import DEFAULT_ROPE_THETA, ROPE_PARAMETER_KEYS, ROPE_TYPES
 
 #: ``config.json`` ``model_type`` -> family name, for the released masked-diffusion LMs we convert.
 RELEASED_MODEL_TYPES: dict[str, str] = {

@@ -1,34 +1,26 @@
 """Configuration of the Discrete Flow Matching denoiser (``model_type = "dfm"``).
 
-This file is self-contained (it imports only ``transformers``): it is copied next to the weights by
-``save_pretrained`` and loaded as remote code with ``trust_remote_code=True``.
+This file imports only ``transformers`` and its sibling :mod:`.rope_parameters`: both are copied next to the weights
+by ``save_pretrained`` and loaded as remote code with ``trust_remote_code=True``.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 from typing import Any, Optional, Union
 
 from transformers import PretrainedConfig
 
-DEFAULT_ROPE_THETA = 10000.0
-#: ``rope_parameters["rope_type"]`` -> (required keys, optional keys) besides ``rope_type``, ``rope_theta`` and
-#: ``partial_rotary_factor`` (see :func:`rotary_dim`). The names and meanings are those of transformers'
-#: ``RopeParameters``; ``dynamic`` may also carry ``original_max_position_embeddings``, the length beyond which it
-#: rescales (default: ``max_position_embeddings``, where it never does, longer inputs being refused).
-ROPE_PARAMETER_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "default": ((), ()),
-    "linear": (("factor",), ()),
-    "dynamic": (("factor",), ("original_max_position_embeddings",)),
-    "yarn": (
-        ("factor", "original_max_position_embeddings"),
-        ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
-    ),
-    "longrope": (("short_factor", "long_factor", "original_max_position_embeddings"), ("factor", "attention_factor")),
-    "llama3": (("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"), ()),
-}
-ROPE_TYPES = tuple(ROPE_PARAMETER_KEYS)
+from .rope_parameters import (
+    DEFAULT_ROPE_THETA,
+    ROPE_PARAMETER_KEYS,
+    ROPE_TYPES,
+    check_rope_parameters,
+    is_int,
+    is_number,
+    rotary_dim,
+    standard_rope_parameters,
+)
+
 #: ``body`` values: ``"llama"`` (RMSNorm, gated SiLU MLP, separate q/k/v) and ``"dit"`` (BD3-LM / MDLM's DiT).
 BODIES = ("llama", "dit")
 
@@ -61,69 +53,14 @@ DFM_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_block_size(block_size: Any) -> Optional[int]:
     """``block_size`` itself when it is None (full attention) or an integer >= 1 (block diffusion); raises
     ``ValueError`` naming it otherwise."""
-    if block_size is not None and (not _is_int(block_size) or block_size < 1):
+    if block_size is not None and (not is_int(block_size) or block_size < 1):
         raise ValueError(
             f"`block_size` must be None (full attention) or an integer >= 1 (block diffusion), got {block_size!r}."
         )
     return block_size
-
-
-def _standard_rope_parameters(
-    rope_parameters: Any, rope_theta: Any, rope_scaling: Any, max_position_embeddings: int
-) -> dict[str, Any]:
-    """A copy of ``rope_parameters`` (or of its legacy name ``rope_scaling``) with ``rope_type`` (legacy ``type``;
-    default ``"default"``) and ``rope_theta`` (the argument, else :data:`DEFAULT_ROPE_THETA`) filled in, and
-    ``original_max_position_embeddings`` defaulting to ``max_position_embeddings`` where the type needs it."""
-    if rope_scaling is not None:
-        if rope_parameters is not None:
-            raise ValueError("Give `rope_parameters` only: `rope_scaling` is its legacy name, not a second setting.")
-        rope_parameters = rope_scaling
-    if rope_parameters is None:
-        rope_parameters = {}
-    if not isinstance(rope_parameters, dict):
-        raise ValueError(
-            f"`rope_parameters` must be None or a dict with a `rope_type` in {list(ROPE_TYPES)}, got "
-            f"{rope_parameters!r}."
-        )
-    parameters = copy.deepcopy(rope_parameters)
-    legacy_type = parameters.pop("type", None)
-    if legacy_type is not None and parameters.setdefault("rope_type", legacy_type) != legacy_type:
-        raise ValueError(
-            f"`rope_parameters` has `rope_type` {parameters['rope_type']!r} and `type` {legacy_type!r} "
-            "(its legacy name): give `rope_type` only."
-        )
-    parameters.setdefault("rope_type", "default")
-    if rope_theta is not None:
-        if "rope_theta" in parameters and parameters["rope_theta"] != rope_theta:
-            raise ValueError(
-                f"`rope_theta` ({rope_theta!r}) differs from `rope_parameters['rope_theta']` "
-                f"({parameters['rope_theta']!r}); give it once (in `rope_parameters`)."
-            )
-        parameters["rope_theta"] = rope_theta
-    parameters.setdefault("rope_theta", DEFAULT_ROPE_THETA)
-    rope_type = parameters["rope_type"]
-    required = ROPE_PARAMETER_KEYS.get(rope_type, ((),))[0] if isinstance(rope_type, str) else ()
-    if "original_max_position_embeddings" in required:
-        parameters.setdefault("original_max_position_embeddings", max_position_embeddings)
-    return parameters
-
-
-def rotary_dim(head_dim: int, rope_parameters: dict[str, Any]) -> int:
-    """The rotated width of a head: ``int(head_dim * rope_parameters["partial_rotary_factor"])`` (default 1, the
-    whole head). The first ``rotary_dim`` dimensions of each query / key head are rotated (their two halves paired,
-    transformers' and LLaDA2's convention), the others pass through unchanged."""
-    return int(head_dim * rope_parameters.get("partial_rotary_factor", 1.0))
 
 
 def _check_moe(config: Any) -> None:
@@ -144,7 +81,7 @@ def _check_moe(config: Any) -> None:
     }
     for key, (low, high) in bounds.items():
         value = getattr(config, key)
-        if not _is_int(value) or value < low or (high is not None and value > high):
+        if not is_int(value) or value < low or (high is not None and value > high):
             accepted = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
             raise ValueError(f"`{key}` must be {accepted} with num_experts={config.num_experts}, got {value!r}.")
     group = config.num_experts // config.n_group
@@ -158,74 +95,10 @@ def _check_moe(config: Any) -> None:
             f"`num_experts_per_tok` ({config.num_experts_per_tok}) exceeds the experts of the `topk_group` "
             f"({config.topk_group}) kept groups ({config.topk_group * group})."
         )
-    if not _is_number(config.routed_scaling_factor) or config.routed_scaling_factor <= 0:
+    if not is_number(config.routed_scaling_factor) or config.routed_scaling_factor <= 0:
         raise ValueError(f"`routed_scaling_factor` must be a finite number > 0, got {config.routed_scaling_factor!r}.")
     if not isinstance(config.norm_topk_prob, bool):
         raise ValueError(f"`norm_topk_prob` must be True or False, got {config.norm_topk_prob!r}.")
-
-
-def _check_rope_parameters(parameters: dict[str, Any], head_dim: int) -> None:
-    """Raise ``ValueError`` naming the key unless ``parameters`` (standardised) is a RoPE we compute."""
-    rope_type = parameters["rope_type"]
-    if not isinstance(rope_type, str) or rope_type not in ROPE_PARAMETER_KEYS:
-        raise ValueError(f"`rope_parameters['rope_type']` must be one of {list(ROPE_TYPES)}, got {rope_type!r}.")
-    required, optional = ROPE_PARAMETER_KEYS[rope_type]
-    accepted = ("rope_type", "rope_theta", "partial_rotary_factor") + required + optional
-    unknown = sorted(set(parameters) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"`rope_parameters` keys {unknown} are not used by rope_type {rope_type!r}; accepted keys: "
-            f"{list(accepted)}."
-        )
-    missing = [key for key in required if parameters.get(key) is None]
-    if missing:
-        raise ValueError(f"`rope_parameters` with rope_type {rope_type!r} needs {missing}; required: {list(required)}.")
-
-    def number(key: str, low: Optional[float] = None, inclusive: bool = False) -> None:
-        value = parameters.get(key)
-        if value is None and key != "rope_theta":
-            return
-        if not _is_number(value) or (low is not None and (value < low or (value == low and not inclusive))):
-            bound = "" if low is None else f" >= {low}" if inclusive else f" > {low}"
-            raise ValueError(f"`rope_parameters['{key}']` must be a finite number{bound}, got {value!r}.")
-
-    number("rope_theta", 0.0)
-    partial = parameters.get("partial_rotary_factor", 1.0)
-    width = rotary_dim(head_dim, parameters) if _is_number(partial) else 0
-    if not _is_number(partial) or not 0 < partial <= 1 or width < 2 or width % 2:
-        raise ValueError(
-            f"`rope_parameters['partial_rotary_factor']` must be a number in (0, 1] whose share of head_dim "
-            f"({head_dim}) is a positive even number of dimensions, got {partial!r}."
-        )
-    number("factor", 1.0, inclusive=True)
-    for key in ("attention_factor", "beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor"):
-        number(key, 0.0)
-    for key in ("mscale", "mscale_all_dim"):
-        number(key)
-    original = parameters.get("original_max_position_embeddings")
-    if original is not None and (not _is_int(original) or original < 1):
-        raise ValueError(
-            f"`rope_parameters['original_max_position_embeddings']` must be a positive integer, got {original!r}."
-        )
-    if parameters.get("truncate") is not None and not isinstance(parameters["truncate"], bool):
-        raise ValueError(f"`rope_parameters['truncate']` must be True, False or None, got {parameters['truncate']!r}.")
-    if rope_type == "llama3" and not parameters["high_freq_factor"] > parameters["low_freq_factor"]:
-        raise ValueError(
-            f"`rope_parameters['high_freq_factor']` ({parameters['high_freq_factor']}) must be greater than "
-            f"`rope_parameters['low_freq_factor']` ({parameters['low_freq_factor']})."
-        )
-    half = rotary_dim(head_dim, parameters) // 2
-    for key in ("short_factor", "long_factor"):
-        value = parameters.get(key)
-        if value is not None and (
-            not isinstance(value, (list, tuple))
-            or len(value) != half
-            or not all(_is_number(v) and v > 0 for v in value)
-        ):
-            raise ValueError(
-                f"`rope_parameters['{key}']` must be a list of rotary_dim / 2 = {half} finite numbers > 0, "
-                f"got {value!r}."
-            )
 
 
 def _check_body(config: DFMConfig) -> None:
@@ -238,7 +111,7 @@ def _check_body(config: DFMConfig) -> None:
                 f"`cond_dim` is a setting of body='dit'; with body='llama' it must be None, got {config.cond_dim!r}."
             )
     else:
-        if config.cond_dim is None or not _is_int(config.cond_dim) or config.cond_dim < 1:
+        if config.cond_dim is None or not is_int(config.cond_dim) or config.cond_dim < 1:
             raise ValueError(f"`cond_dim` must be a positive integer with body='dit', got {config.cond_dim!r}.")
         if config.tie_word_embeddings:
             raise ValueError("body='dit' has an untied, biased output layer: set `tie_word_embeddings=False`.")
@@ -257,7 +130,7 @@ def _check_fim_token_ids(config: Any) -> None:
     values = list(ids.values()) if isinstance(ids, dict) else []
     if (
         sorted(ids if isinstance(ids, dict) else ()) != ["middle", "prefix", "suffix"]
-        or not all(_is_int(v) and 0 <= v < config.vocab_size for v in values)
+        or not all(is_int(v) and 0 <= v < config.vocab_size for v in values)
         or len(set(values)) != 3
         or config.mask_token_id in values
     ):
@@ -400,7 +273,7 @@ class DFMConfig(PretrainedConfig):
         self.num_attention_heads = num_attention_heads
         self.intermediate_size = intermediate_size
         self.max_position_embeddings = max_position_embeddings
-        self.rope_parameters = _standard_rope_parameters(
+        self.rope_parameters = standard_rope_parameters(
             rope_parameters, rope_theta, kwargs.pop("rope_scaling", None), max_position_embeddings
         )
         self.time_conditioning = time_conditioning
@@ -430,7 +303,7 @@ class DFMConfig(PretrainedConfig):
         self.subs_parameterization = subs_parameterization
         self.fim_token_ids = fim_token_ids
         self._validate_sizes()  # before the base class: its own validators divide by these
-        _check_rope_parameters(self.rope_parameters, self.head_dim)  # before the base class's, which only warns
+        check_rope_parameters(self.rope_parameters, self.head_dim)  # before the base class's, which only warns
         # Special ids and tying go through the base class so that both transformers 4.x and 5.x store them.
         super().__init__(
             pad_token_id=pad_token_id,
@@ -452,7 +325,7 @@ class DFMConfig(PretrainedConfig):
             "max_position_embeddings",
         ):
             value = getattr(self, key)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"`{key}` must be a positive integer, got {value!r}.")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads != 0:
@@ -461,7 +334,7 @@ class DFMConfig(PretrainedConfig):
                     f"({self.num_attention_heads}), or give `head_dim` explicitly."
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
-        elif not _is_int(self.head_dim) or self.head_dim < 1:
+        elif not is_int(self.head_dim) or self.head_dim < 1:
             raise ValueError(f"`head_dim` must be None or a positive even integer, got {self.head_dim!r}.")
         if self.head_dim % 2 != 0:
             raise ValueError(
@@ -477,7 +350,7 @@ class DFMConfig(PretrainedConfig):
 
     def _validate(self) -> None:
         self._validate_sizes()
-        _check_rope_parameters(self.rope_parameters, self.head_dim)
+        check_rope_parameters(self.rope_parameters, self.head_dim)
         for key in (
             "time_conditioning",
             "tie_word_embeddings",
@@ -497,17 +370,17 @@ class DFMConfig(PretrainedConfig):
             value = getattr(self, key, None)
             values = value if key == "eos_token_id" and isinstance(value, (list, tuple)) else [value]
             for item in values:
-                if item is not None and (not _is_int(item) or not 0 <= item < self.vocab_size):
+                if item is not None and (not is_int(item) or not 0 <= item < self.vocab_size):
                     raise ValueError(
                         f"`{key}` must be None or an integer in [0, vocab_size={self.vocab_size}), got {value!r}."
                     )
         for key in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, key)
-            if not _is_number(value) or not 0.0 <= value < 1.0:
+            if not is_number(value) or not 0.0 <= value < 1.0:
                 raise ValueError(f"`{key}` must be a number in [0, 1), got {value!r}.")
         for key in ("initializer_range", "rms_norm_eps"):
             value = getattr(self, key)
-            if not _is_number(value) or value <= 0:
+            if not is_number(value) or value <= 0:
                 raise ValueError(f"`{key}` must be a finite number > 0, got {value!r}.")
 
     def _validate_dynamic_rope_parameters(self, rope_parameters: dict[str, Any], ignore_keys: Any = None) -> None:
@@ -523,7 +396,7 @@ class DFMConfig(PretrainedConfig):
     @rope_theta.setter
     def rope_theta(self, value: float) -> None:
         parameters = {**self.rope_parameters, "rope_theta": value}
-        _check_rope_parameters(parameters, self.head_dim)
+        check_rope_parameters(parameters, self.head_dim)
         self.rope_parameters = parameters
 
     @classmethod

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from .configuration_dfm import DFMConfig, rotary_dim
+from .configuration_dfm import DFMConfig
+from .rope_parameters import rotary_dim
 
 #: Rope types whose frequencies depend on the sequence length (``dynamic``: NTK-aware base beyond
 #: ``original_max_position_embeddings``; ``longrope``: the long factors beyond it, the short ones up to it).
