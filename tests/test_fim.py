@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -290,3 +291,29 @@ def test_lora_training_with_fim_ships_the_fim_rows_and_the_adapter_rebuilds_the_
         torch.testing.assert_close(shipped.model(ids).logits, merged.model(ids).logits, rtol=1e-4, atol=1e-4)
     assert isinstance(merged.scheduler, DiscreteFlowScheduler)
     assert merged.scheduler.config.vocab_size == merged.model.config.vocab_size
+
+
+@pytest.mark.parametrize("lora_r", ["32", "0"])
+def test_the_block_recipe_script_passes_flags_that_validate(tmp_path, lora_r):
+    """examples/train_block_default_model.sh with `python` replaced by a printer: its flags parse and validate."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                          "train_block_default_model.sh")  # fmt: skip
+    gguf = tmp_path / "gguf"
+    gguf.mkdir()
+    (gguf / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"")
+    env = {**os.environ, "GGUF_DIR": str(gguf), "LORA_R": lora_r}
+    printer = 'python() { printf "%s\\n" "$@"; }; export -f python; bash "$0" "$1" --eval_batches 1'
+    out = subprocess.run(["bash", "-c", printer, script, str(tmp_path / "out")], env=env, capture_output=True,
+                         text=True, check=True).stdout.splitlines()  # fmt: skip
+    assert out[0] == "examples/train_dfm.py"
+    args = build_parser().parse_args(out[1:])
+    validate_args(args)
+    assert (args.block_size, args.fim_rate, args.complementary_masks, args.attention_annealing_steps) == (
+        4,
+        0.3,
+        True,
+        0,
+    )
+    assert args.loss_weighting == "inverse_t" and args.resume_from_checkpoint == "latest"
+    assert args.checkpointing_steps == 100 and args.eval_batches == 1 and args.lora_r == int(lora_r)
+    assert args.learning_rate == (1e-3 if lora_r != "0" else 1e-4)

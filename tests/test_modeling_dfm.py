@@ -43,6 +43,7 @@ MODEL_FILES = (
     "losses.py",
     "masking.py",
     "modeling_dfm.py",
+    "modeling_outputs.py",
     "moe.py",
     "rope_parameters.py",
     "rotary.py",

@@ -17,9 +17,9 @@ _EXPORTS = {
     "generalized_kl_loss": ".losses",
     "masked_cross_entropy_loss": ".losses",
     "DFMForMaskedGeneration": ".modeling_dfm",
-    "DFMMaskedGenerationOutput": ".modeling_dfm",
+    "DFMMaskedGenerationOutput": ".modeling_outputs",
     "DFMModel": ".modeling_dfm",
-    "DFMModelOutput": ".modeling_dfm",
+    "DFMModelOutput": ".modeling_outputs",
     "DFMPreTrainedModel": ".modeling_dfm",
     "register_auto_classes": ".modeling_dfm",
 }

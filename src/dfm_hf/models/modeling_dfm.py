@@ -10,15 +10,14 @@ a key/value cache (Fast-dLLM style prefix / dual caching) runs through ``past_ke
 :mod:`.cache`); a block-diffusion model appends to a ``DynamicCache`` instead (exact).
 
 This file imports only ``torch``, ``transformers`` and its sibling files (configuration, rotary, masking, cache,
-losses, validation): ``save_pretrained`` copies them next to the weights, and the checkpoint loads as remote code with
-``trust_remote_code=True``. ``generate()`` comes from ``dfm_hf.generation`` where ``dfm_hf`` is installed; a
-remote-code copy loaded without it runs ``forward`` only.
+losses, validation, outputs, ...): ``save_pretrained`` copies them next to the weights, and the checkpoint loads as
+remote code with ``trust_remote_code=True``. ``generate()`` comes from ``dfm_hf.generation`` where ``dfm_hf`` is
+installed; a remote-code copy loaded without it runs ``forward`` only.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
@@ -26,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.utils import ModelOutput
 
 from .cache import check_cache, prepare_cache
 from .configuration_dfm import DFMConfig
@@ -50,6 +48,7 @@ from .loading import (
 )
 from .losses import masked_cross_entropy_loss
 from .masking import create_attention_mask, pattern_positions
+from .modeling_outputs import DFMMaskedGenerationOutput, DFMModelOutput
 from .rotary import DFMRotaryEmbedding
 from .validation import (
     check_inputs,
@@ -67,66 +66,6 @@ except ImportError:
     if __package__ == "dfm_hf.models":  # the library itself: a real error
         raise
     DFMGenerationMixin = type("DFMForwardOnly", (), {})  # a remote-code copy where dfm_hf is not installed
-
-
-@dataclass
-class DFMModelOutput(ModelOutput):
-    """Output of :class:`DFMModel`.
-
-    Args:
-        last_hidden_state: ``(batch, len, hidden)`` after the final norm (``len`` = the query positions given).
-        cache: the key/value cache the forward used (``use_cache=True``: a new ``DynamicCache`` holding every layer's
-            keys and values after rotary, ``(batch, num_key_value_heads, len, head_dim)``), read as
-            ``output.past_key_values``. transformers 5.x ``ModelOutput`` renames a field called ``past_key_values`` to
-            ``cache``, so the field carries that name and ``past_key_values`` is a property.
-        hidden_states: with ``output_hidden_states=True``, the embeddings and the output of every layer (the last
-            one after the final norm).
-        attentions: with ``output_attentions=True``, the attention probabilities of every layer,
-            ``(batch, heads, len, key_len)``.
-    """
-
-    last_hidden_state: Optional[torch.FloatTensor] = None
-    cache: Optional[Cache] = None
-    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
-    attentions: Optional[tuple[torch.FloatTensor, ...]] = None
-
-    @property
-    def past_key_values(self) -> Optional[Cache]:
-        """The key/value cache (the ``cache`` field)."""
-        return self.cache
-
-
-@dataclass
-class DFMMaskedGenerationOutput(ModelOutput):
-    """Output of :class:`DFMForMaskedGeneration`.
-
-    Args:
-        loss: the masked cross-entropy when ``labels`` were given.
-        logits: ``(batch, len, vocab)``; ``(K, vocab)`` for a boolean ``logits_to_keep``; ``(batch, len(idx), vocab)``
-            for an index ``logits_to_keep``; ``(batch, N, vocab)`` for an int ``N > 0``. ``logits[..., i, :]``
-            parametrises ``p_{1|t}(x^i | x_t)`` (or ``p_{0|t}`` for an epsilon model), with or without
-            ``config.logits_shift``.
-        cache: the key/value cache (see :class:`DFMModelOutput`), read as ``output.past_key_values``.
-        hidden_states: with ``output_hidden_states=True``, the embeddings and the output of every layer (the last
-            one after the final norm).
-        attentions: with ``output_attentions=True``, the attention probabilities of every layer.
-    """
-
-    loss: Optional[torch.FloatTensor] = None
-    logits: Optional[torch.FloatTensor] = None
-    cache: Optional[Cache] = None
-    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
-    attentions: Optional[tuple[torch.FloatTensor, ...]] = None
-
-    @property
-    def past_key_values(self) -> Optional[Cache]:
-        """The key/value cache (the ``cache`` field)."""
-        return self.cache
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 class DFMPreTrainedModel(PreTrainedModel):
