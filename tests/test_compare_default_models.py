@@ -114,8 +114,13 @@ def test_table_references_and_cache(folders, tmp_path, capsys):
     assert rows[("tiny", "default T=1", "8")]["infill_em"] is not None  # infilling shown on the 8-step rows only
     assert rows[("tiny", "default T=1", "4")]["infill_em"] is None
     assert all(r["judge_ppl"] > 1 for r in result["rows"] if r["num_empty"] < 2)
+    # speed: a causal LM writes one token per call; the DFM model at most its 8 tokens per call
+    assert rows[("ar", "greedy", "AR")]["tokens_per_call"] == 1.0
+    assert 0 < rows[("tiny", "default T=1", "4")]["tokens_per_call"] <= 8.0
+    assert real["tokens_per_call"] is None and rows[("tiny", "default T=1", "8")]["seconds_per_completion"] > 0
     md = (out / "results.md").read_text()
     assert "| system | sampler | steps | judge ppl |" in md and "### real / - / steps -" in md
+    assert "| tokens / call | s / completion |" in md
     assert real["samples"][0][1] in md  # the canonical solution is printed as a sample
     capsys.readouterr()
 

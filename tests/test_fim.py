@@ -222,6 +222,21 @@ def test_a_block_model_with_fim_tokens_infills_one_run_of_masks_in_place():
     assert plain.sequences[0].tolist() == row
 
 
+def test_generate_infills_through_the_fim_tokens_like_the_pipeline():
+    pipe = block_pipe()
+    pipe.scheduler = DiscreteFlowScheduler(mask_token_id=pipe.mask_token_id, vocab_size=pipe.model.config.vocab_size)
+    ids = pipe.tokenizer("x = 1\ny = ", add_special_tokens=False)["input_ids"]
+    row = ids + [pipe.mask_token_id] * 3 + pipe.tokenizer("\nz = 3", add_special_tokens=False)["input_ids"]
+    out = pipe.model.generate(torch.tensor([row]), num_inference_steps=3, generator=torch.Generator().manual_seed(2))
+    via_pipe = pipe(
+        input_ids=[row], num_inference_steps=3, generator=torch.Generator().manual_seed(2), output_type="pt"
+    )
+    assert out.sequences.tolist() == via_pipe.sequences.tolist() and out.nfe == via_pipe.nfe
+    filled = out.sequences[0].tolist()
+    assert len(filled) == len(row) and filled[: len(ids)] == ids and filled[len(ids) + 3 :] == row[len(ids) + 3 :]
+    assert pipe.mask_token_id not in filled
+
+
 def test_a_run_of_masks_at_the_end_is_a_plain_completion_of_the_text_before_it():
     pipe = block_pipe()
     g = lambda: torch.Generator().manual_seed(1)  # noqa: E731

@@ -63,7 +63,8 @@ def save_adapted_bundle(
         card: the model card (``README.md``) text; a short default when None.
         name: the bundle's name (default: the folder name); the materialised folder is ``<name>-<hash>``.
         adapter_dtype: dtype of the stored adapter weights, ``float16``, ``bfloat16`` or ``float32``.
-        embedding_token_ids: rows of the embedding (and untied head) to ship (default: the mask token's row).
+        embedding_token_ids: rows of the embedding (and untied head) to ship (default: the mask token's row, and the
+            FIM tokens' rows when the model declares them).
         extra_tensors: names of (small) parameters shipped whole, e.g. norm scales changed by fine-tuning.
         max_bytes: refuse a bundle larger than this (default 40 MiB).
 
@@ -103,7 +104,8 @@ def save_adapted_bundle(
     mask = int(pipe.mask_token_id)
     if reused_mask_token_id is not None and reused_mask_token_id != mask:
         raise ValueError(f"`reused_mask_token_id` {reused_mask_token_id} is not the pipeline's mask id {mask}")
-    token_ids = [mask] if embedding_token_ids is None else [int(i) for i in embedding_token_ids]
+    fim = sorted((getattr(model.config, "fim_token_ids", None) or {}).values())
+    token_ids = [mask, *fim] if embedding_token_ids is None else [int(i) for i in embedding_token_ids]
     if not token_ids:
         raise ValueError("`embedding_token_ids` must name at least one row")
 
@@ -224,6 +226,7 @@ def save_bundle_from_finetuned(
 
     from ..pipelines import DFMPipeline
     from ..pipelines import lora as lora_utils
+    from ..pipelines.fim import add_fim_tokens
 
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_LORA_RANK:
         raise ValueError(f"`rank` must be an integer in [1, {MAX_LORA_RANK}], got {rank!r}")
@@ -236,6 +239,8 @@ def save_bundle_from_finetuned(
     pipe = DFMPipeline.from_causal_lm(
         base.folder, mask_token=tuned.tokenizer.mask_token, mask_token_id=reused_mask_token_id, **load_kwargs
     )
+    if getattr(tuned.model.config, "fim_token_ids", None):
+        add_fim_tokens(pipe)  # the tuned model's FIM tokens, added to the base as in training
     ours, theirs = dict(pipe.model.named_parameters()), dict(tuned.model.named_parameters())
     differ = sorted(set(ours) ^ set(theirs)) + sorted(
         n for n in set(ours) & set(theirs) if ours[n].shape != theirs[n].shape

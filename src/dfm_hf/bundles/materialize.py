@@ -204,6 +204,7 @@ def build_pipeline_from_bundle(
 
     from ..pipelines import DFMPipeline
     from ..pipelines import lora as lora_utils
+    from ..pipelines.fim import add_fim_tokens
     from ..schedulers.presets import default_scheduler_presets, load_presets_from_folder, scheduler_from_config_file
 
     bundle_dir = str(bundle_dir)
@@ -214,7 +215,11 @@ def build_pipeline_from_bundle(
     pipe = DFMPipeline.from_causal_lm(
         base.folder, mask_token=spec["mask_token"], mask_token_id=spec.get("mask_token_id"), **load_kwargs
     )
-    _apply_config(pipe.model, os.path.join(bundle_dir, "model", "config.json"), base)
+    config_path = os.path.join(bundle_dir, "model", "config.json")
+    with open(config_path, encoding="utf-8") as f:
+        if json.load(f).get("fim_token_ids"):  # the model's FIM tokens: added to the base as in training
+            add_fim_tokens(pipe)
+    _apply_config(pipe.model, config_path, base)
     if spec.get("embedding_rows"):
         write_embedding_rows(pipe.model, load_file(os.path.join(bundle_dir, spec["embedding_rows"])), bundle_dir)
     if spec.get("extra_tensors"):

@@ -29,7 +29,7 @@ attends in blocks of ``L``).
 
 Infilling (mask tokens inside the prompt) is refused: the open block attends only to earlier blocks, so it cannot
 see the text after it; a model trained with fill-in-the-middle data that declares its FIM tokens
-(``config.fim_token_ids``) infills through them instead (:mod:`~dfm_hf.pipelines.fim`).
+(``config.fim_token_ids``) infills through them instead (:mod:`~dfm_hf.generation.fim`).
 """
 
 from __future__ import annotations

@@ -16,9 +16,10 @@ import torch
 from transformers.utils import ModelOutput
 
 from ..rng import check_generator
-from .block_diffusion import check_block_prompts, generate_blocks
+from .block_diffusion import generate_blocks
 from .call import SamplingCall, eos_token_ids
 from .configuration import DFMGenerationConfig
+from .fim import fim_infill_plan, generate_fim_blocks
 from .full_attention import generate_full_attention, pack_rows
 from .kv_cache import resolve_kv_cache
 
@@ -101,7 +102,8 @@ class DFMGenerationMixin:
         """Generate ``max_new_tokens`` tokens after each prompt (or infill its mask tokens).
 
         Args:
-            input_ids: ``(rows, length)`` prompt ids; mask tokens inside a prompt are infilled (full-attention models).
+            input_ids: ``(rows, length)`` prompt ids; mask tokens inside a prompt are infilled (full-attention models;
+                a block model with FIM tokens: one run per prompt, see :mod:`~dfm_hf.generation.fim`).
             attention_mask: 1 at prompt tokens, 0 at padding (left or right); None: no padding.
             generation_config: the settings (a :class:`~dfm_hf.DFMGenerationConfig`); default
                 ``self.generation_config``.
@@ -129,8 +131,7 @@ class DFMGenerationMixin:
             )  # fmt: skip
         check_generator(generator, len(prompts))
         block_size = getattr(model_config, "block_size", None)
-        if block_size is not None:
-            check_block_prompts(prompts, mask, block_size)
+        infill = fim_infill_plan(prompts, mask, model_config) if block_size is not None else None  # generation.fim
         pad = next(p for p in (config.pad_token_id, model_config.pad_token_id, mask) if p is not None)
         call = SamplingCall(
             model=self,
@@ -154,7 +155,9 @@ class DFMGenerationMixin:
             return_full_text=True,
             streamer=streamer,
         )
-        if block_size is not None:
+        if block_size is not None and infill is not None:  # one run of masks per prompt, through the FIM tokens
+            result = generate_fim_blocks(call, infill, cached=cache_mode == "block", **common)
+        elif block_size is not None:
             result = generate_blocks(call, cached=cache_mode == "block", **common)
         else:
             result = generate_full_attention(call, kv_cache=cache_mode, **common)

@@ -22,6 +22,7 @@ from diffusers.utils import BaseOutput
 
 from ..generation.block_diffusion import generate_blocks
 from ..generation.call import SamplingCall, eos_token_ids
+from ..generation.fim import fim_infill_plan, generate_fim_blocks
 from ..generation.full_attention import generate_full_attention, pack_rows, right_padded
 from ..generation.kv_cache import resolve_kv_cache
 from ..generation.utils import check_prompt
@@ -29,7 +30,6 @@ from ..rng import check_generator
 from ..schedulers import ConfidenceUnmaskingScheduler, DiscreteFlowScheduler
 from ..schedulers.presets import default_scheduler_presets
 from ..schedulers.utils import validate_num_inference_steps
-from .fim import fim_infill_plan, generate_fim_blocks
 from .foreign_schedulers import adapt_scheduler
 from .loading import DFMPipelineLoadingMixin
 from .lora import DFMLoraLoaderMixin
@@ -226,7 +226,7 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
             prompt: a string or list of strings: a prefix to complete (``gen_length`` tokens are appended), and/or
                 code holding the tokenizer's mask token at the positions to infill (a block-diffusion model infills
                 one run of masks per prompt through its FIM tokens, ``config.fim_token_ids``, and appends nothing:
-                see :mod:`~dfm_hf.pipelines.fim`). None: unconditional. Raw text: no chat template is applied (use
+                see :mod:`~dfm_hf.generation.fim`). None: unconditional. Raw text: no chat template is applied (use
                 ``messages``).
             input_ids: token ids instead of ``prompt`` (same layout rules).
             gen_length: tokens generated after the prompt (may be 0 when the prompt holds mask tokens).
@@ -338,7 +338,7 @@ class DFMPipeline(DFMPipelineLoadingMixin, DFMLoraLoaderMixin, DiffusionPipeline
             cached = cache_mode == "block"
             if infill is None:
                 result = generate_blocks(call, cached=cached, **common)
-            else:  # a block model with FIM tokens: the run of masks infilled through the FIM layout (pipelines.fim)
+            else:  # a block model with FIM tokens: the run of masks infilled through the FIM layout (generation.fim)
                 result = generate_fim_blocks(call, infill, cached=cached, **common)
         else:
             result = generate_full_attention(
