@@ -41,9 +41,15 @@ def dream_config_to_dfm(config: dict[str, Any], has_qkv_bias: bool = True) -> di
     """
     family = "Dream"
     _check_values(config, family, {"hidden_act": ("silu",), "use_sliding_window": (False, None), "use_mrope": (False,)})
+    ids = _special_ids(config, mask_token_id=DREAM_MASK_TOKEN_ID, pad_token_id=DREAM_PAD_TOKEN_ID)
+    return dict(**qwen_body_fields(config, family), attention_bias=bool(has_qkv_bias), logits_shift=True, **ids)
+
+
+def qwen_body_fields(config: dict[str, Any], family: str) -> dict[str, Any]:
+    """The ``DFMConfig`` keyword arguments every Qwen2 / Qwen3-shaped ``config.json`` states the same way (sizes,
+    heads, positions, RoPE, norm epsilon, tying, attention dropout); ``family`` names the checkpoint in errors."""
     heads = int(_require(config, "num_attention_heads", family))
     kv_heads = config.get("num_key_value_heads")
-    ids = _special_ids(config, mask_token_id=DREAM_MASK_TOKEN_ID, pad_token_id=DREAM_PAD_TOKEN_ID)
     max_positions = int(_require(config, "max_position_embeddings", family))
     rope_parameters, max_positions = _rope_settings(config, family, max_positions)
     return dict(
@@ -58,9 +64,6 @@ def dream_config_to_dfm(config: dict[str, Any], has_qkv_bias: bool = True) -> di
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         attention_dropout=float(config.get("attention_dropout", 0.0) or 0.0),
-        attention_bias=bool(has_qkv_bias),
-        logits_shift=True,
-        **ids,
     )
 
 

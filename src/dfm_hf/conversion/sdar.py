@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..models.configuration_dfm import DFMConfig
-from .dream import dream_tensor_names
-from .families import _check_values, _refuse, _require, _rope_settings, _special_ids
+from .dream import dream_tensor_names, qwen_body_fields
+from .families import _check_values, _refuse, _require, _special_ids
 
 #: Special ids of the released SDAR checkpoints (``<|MASK|>``, ``<|endoftext|>``), used when their config lacks them.
 SDAR_MASK_TOKEN_ID = 151669
@@ -36,26 +36,12 @@ def sdar_config_to_dfm(config: dict[str, Any]) -> dict[str, Any]:
     block_size = _require(config, "block_size", family)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise _refuse(family, "block_size", block_size, "an integer >= 1")
-    heads = int(_require(config, "num_attention_heads", family))
-    hidden = int(_require(config, "hidden_size", family))
-    kv_heads = config.get("num_key_value_heads")
-    head_dim = config.get("head_dim") or hidden // heads
+    fields = qwen_body_fields(config, family)
+    head_dim = config.get("head_dim") or fields["hidden_size"] // fields["num_attention_heads"]
     ids = _special_ids(config, mask_token_id=SDAR_MASK_TOKEN_ID, eos_token_id=SDAR_EOS_TOKEN_ID)
-    max_positions = int(_require(config, "max_position_embeddings", family))
-    rope_parameters, max_positions = _rope_settings(config, family, max_positions)
     return dict(
-        vocab_size=int(_require(config, "vocab_size", family)),
-        hidden_size=hidden,
-        num_hidden_layers=int(_require(config, "num_hidden_layers", family)),
-        num_attention_heads=heads,
-        num_key_value_heads=int(kv_heads) if kv_heads is not None else heads,
+        **fields,
         head_dim=int(head_dim),
-        intermediate_size=int(_require(config, "intermediate_size", family)),
-        max_position_embeddings=max_positions,
-        rope_parameters=rope_parameters,
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        attention_dropout=float(config.get("attention_dropout", 0.0) or 0.0),
         attention_bias=False,
         qk_norm=True,
         logits_shift=False,
