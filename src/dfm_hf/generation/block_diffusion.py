@@ -200,6 +200,7 @@ def generate_blocks(
         start, end = layout.start + j * length, layout.start + (j + 1) * length
         scheduler.set_timesteps(int(row_steps.max()), device=device)
         row_steps_device = row_steps.to(device)
+        running = row_steps > 0  # the rows that work on this block (host)
         for i, t in timesteps_with_editing(scheduler):  # the grid, then LLaDA2.1's editing passes (if any)
             block, given = sample[:, start:end], condition[:, start:end]
             windows = block_grid_windows(~given, row_steps_device, i, j, length)
@@ -210,13 +211,13 @@ def generate_blocks(
             sample = torch.cat([sample[:, :start], block, sample[:, end:]], dim=1)
             sample = run_step_callback(callback, call.callback_owner, count, t, sample, condition, tensor_inputs)
             count += 1
-            feed.draft(sample[:, start:end], runner.nfe, row_steps_device > 0)
-        feed.put(sample[:, start:end], row_steps_device > 0)
-        ran += (row_steps > 0).long()
-        done = (row_steps > 0) & (ran == torch.tensor(layout.num_blocks))
+            feed.draft(sample[:, start:end], runner.nfe, running)
+        feed.put(sample[:, start:end], running)
+        ran += running.long()
+        done = running & (ran == torch.tensor(layout.num_blocks))
         if eos is not None:
             block, free = sample[:, start:end].cpu(), ~layout.condition[:, start:end]
-            done |= (row_steps > 0) & (torch.isin(block, eos) & free).any(1)
+            done |= running & (torch.isin(block, eos) & free).any(1)
         active &= ~done
         runner.keep_rows(active[runner.rows.cpu()].to(device))
     feed.end()
