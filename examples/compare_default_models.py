@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME=SPEC",
         help="a DFM pipeline folder, real, unigram, smollm2-ar or ar:PATH (repeat; default: "
-        f"{' '.join(DEFAULT_SYSTEMS)}, bundled = the small model shipped in the package)",
+        f"{' '.join(DEFAULT_SYSTEMS)}, bundled = the package's default model, bundled_model_path())",
     )
     p.add_argument(
         "--presets",
